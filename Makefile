@@ -1,0 +1,30 @@
+# lcjax: the README's commands. Every target creates .venv with python3 if it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: quickstart test test-slow lint bench install
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(PY) scripts/quickstart.py
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) scripts/bench.py
