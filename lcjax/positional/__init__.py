@@ -1,0 +1,32 @@
+"""Rotary position embeddings with scaling types, and position-id schemes for packed rows."""
+
+from lcjax.positional.positions import POSITION_SCHEMES, make_positions
+from lcjax.positional.rope import (
+  DEFAULT_ROPE_THETA,
+  ROPE_TYPES,
+  RopeType,
+  apply_rope,
+  compute_inv_freq,
+  query_scale,
+  register_rope_type,
+  rope_cos_sin,
+  standardize_rope_parameters,
+  to_hf_rope_fields,
+  validate_rope_parameters,
+)
+
+__all__ = [
+  "DEFAULT_ROPE_THETA",
+  "POSITION_SCHEMES",
+  "ROPE_TYPES",
+  "RopeType",
+  "apply_rope",
+  "compute_inv_freq",
+  "make_positions",
+  "query_scale",
+  "register_rope_type",
+  "rope_cos_sin",
+  "standardize_rope_parameters",
+  "to_hf_rope_fields",
+  "validate_rope_parameters",
+]

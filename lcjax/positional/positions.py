@@ -1,0 +1,48 @@
+"""Position-id schemes for packed rows.
+
+A packed row holds several documents, told apart by `segment_ids_BT` (a document starts where the
+segment id changes). The scheme decides which RoPE position each token gets; which tokens may
+attend to which is a separate question, answered by the attention mask (`MaskSpec`):
+
+- `global`: positions 0..T-1 across the whole row, regardless of documents (plain packing).
+- `per_document`: positions restart at 0 at each document start (ProLong, Gao et al. 2024, "How
+  to Train Long-Context Language Models (Effectively)", arXiv:2410.02660, which resets RoPE per
+  document through flash-attn varlen). Padding with its own segment id counts as a document.
+- `anchor`: AnchorAttention (Wang et al. 2024, "When Precision Meets Position: BFloat16 Breaks
+  Down RoPE in Long-Context Training", arXiv:2411.13476; haonan3/AnchorContext `train.py`). The
+  row's first token is a shared anchor at position 0, visible to every document, and all other
+  tokens keep their global positions, so the positions equal `global`. What makes it AnchorAttention
+  is the mask: `MaskSpec(document=True, anchor=True)` lets each token see its own document plus the
+  anchor (key 0), while the positions are not reset per document. The reference's flash path,
+  which forces each document's BOS to position 0, gives the same logits because every such BOS
+  sees only itself.
+"""
+
+import jax
+import jax.numpy as jnp
+
+POSITION_SCHEMES = ("global", "per_document", "anchor")
+
+
+def make_positions(segment_ids_BT: jax.Array, scheme: str) -> jax.Array:
+  """Returns `positions_BT` int32 for `scheme` (one of `POSITION_SCHEMES`).
+
+  Pure jnp; jit it with `scheme` static, e.g.
+  `jax.jit(make_positions, static_argnames="scheme")`.
+  """
+  if scheme not in POSITION_SCHEMES:
+    raise ValueError(
+      f"position scheme {scheme!r} is unknown; choose one of {', '.join(POSITION_SCHEMES)}"
+    )
+  segment_ids_BT = jnp.asarray(segment_ids_BT)
+  if segment_ids_BT.ndim != 2:
+    raise ValueError(f"segment_ids_BT must have shape [B, T], got {segment_ids_BT.shape}")
+  batch, length = segment_ids_BT.shape
+  t_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if scheme in ("global", "anchor"):
+    return t_BT
+  # per_document: position = t - (index of the latest document start at or before t).
+  changed_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+  is_start_BT = jnp.concatenate([jnp.ones((batch, 1), dtype=bool), changed_BT], axis=1)
+  start_BT = jax.lax.cummax(jnp.where(is_start_BT, t_BT, 0), axis=1)
+  return t_BT - start_BT

@@ -1,0 +1,664 @@
+"""Rotary position embeddings (RoPE) and a registry of context-extension types.
+
+RoPE (Su et al. 2021, "RoFormer", arXiv:2104.09864, eq. 34) rotates each pair of query/key
+features by `position * inv_freq_i`. lcjax uses Hugging Face's half-split layout (pairs `i` and
+`i + D/2`, `rotate_half` in `transformers.models.llama.modeling_llama`), so HF Llama checkpoints
+load without permuting q/k weights. The inverse-frequency rules follow transformers 5.24
+`modeling_rope_utils.py` (`ROPE_INIT_FUNCTIONS`) and its config semantics; lcjax additions (ABF,
+entropy-aware ABF, Giraffe truncation, NoPE) are registered the same way in `ROPE_TYPES`.
+
+Typical use inside an attention layer:
+
+  params = standardize_rope_parameters(hf_config_json)     # once, at config time
+  inv_freq, attention_factor = compute_inv_freq(params, head_dim, seq_len=positions_BT.max() + 1)
+  cos_BTK, sin_BTK = rope_cos_sin(inv_freq, attention_factor, positions_BT)
+  q_BTHD, k_BTHD = apply_rope(q_BTHD, cos_BTK, sin_BTK), apply_rope(k_BTHD, cos_BTK, sin_BTK)
+  scale_BT = query_scale(params, positions_BT)             # None for every type but 'eabf'
+  if scale_BT is not None:
+    q_BTHD = q_BTHD * scale_BT[:, :, None, None].astype(q_BTHD.dtype)
+
+Partial rotary (`partial_rotary_factor < 1`): the rotary dimension is
+`R = int(head_dim * partial_rotary_factor)`; `compute_inv_freq` computes the `R/2` frequencies of
+the type and pads them with zeros up to `head_dim // 2` (zero frequency = identity rotation), so
+the half-split rotation always spans the whole head and rotates pairs `(i, i + head_dim/2)` for
+`i < R/2`. This is the layout of HF's `proportional` type (Gemma-style). It is NOT the layout of
+GPT-NeoX/Phi-style partial rotary in HF, which rotates the first `R` features with pairs
+`(i, i + R/2)`; importing such checkpoints needs a permutation of q/k features.
+"""
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# transformers' `RotaryEmbeddingConfigMixin.default_theta`.
+DEFAULT_ROPE_THETA = 10000.0
+
+# rope_types for which HF standardization fills `original_max_position_embeddings`
+# (`RotaryEmbeddingConfigMixin.standardize_rope_params`).
+_HF_ORIGINAL_MAX_TYPES = ("llama3", "yarn", "longrope")
+
+Params = Mapping[str, Any]
+# (rope_parameters, head_dim, rotary_dim, seq_len) -> (inv_freq, attention_factor). inv_freq is a
+# float64 numpy array when it does not depend on a traced seq_len, else a float32 jnp array; it
+# holds rotary_dim // 2 entries (or head_dim // 2; compute_inv_freq pads with zeros).
+InvFreqFn = Callable[[Params, int, int, Any], tuple[Any, float]]
+# (rope_parameters, positions_BT) -> scale_BT, multiplied into the query after RoPE.
+QueryScaleFn = Callable[[Params, jax.Array], jax.Array]
+# (rope_parameters, rope_type name, head_dim or None) -> None; raises ValueError.
+CheckFn = Callable[[Params, str, int | None], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeType:
+  """One registered RoPE variant.
+
+  Attributes:
+    inv_freq_fn: computes `(inv_freq, attention_factor)`; see `InvFreqFn`.
+    required_keys: keys of `rope_parameters` that must be present and not None.
+    positive_keys: keys that, when present, must be numbers > 0.
+    check_fn: extra validation beyond required/positive keys; raises ValueError.
+    query_scale_fn: optional per-position query multiplier applied after RoPE (see `query_scale`).
+    uses_seq_len: whether the frequencies depend on `seq_len` (dynamic, longrope); callers may
+      skip computing `max(positions) + 1` when it is False.
+  """
+
+  inv_freq_fn: InvFreqFn
+  required_keys: tuple[str, ...] = ("rope_theta",)
+  positive_keys: tuple[str, ...] = ()
+  check_fn: CheckFn | None = None
+  query_scale_fn: QueryScaleFn | None = None
+  uses_seq_len: bool = False
+
+
+ROPE_TYPES: dict[str, RopeType] = {}
+
+
+def register_rope_type(name: str, rope_type: RopeType) -> RopeType:
+  """Adds `rope_type` to `ROPE_TYPES` under `name`; raises ValueError if the name is taken."""
+  if name in ROPE_TYPES:
+    raise ValueError(f"rope type {name!r} is already registered; pick another name")
+  ROPE_TYPES[name] = rope_type
+  return rope_type
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared formulas.
+
+
+def _exponents(dim: int) -> np.ndarray:
+  """`2i/dim` for i = 0..ceil(dim/2)-1, as HF's `torch.arange(0, dim, 2) / dim` (float64)."""
+  return np.arange(0, dim, 2, dtype=np.float64) / dim
+
+
+def _base_inv_freq(base: float, dim: int) -> np.ndarray:
+  """RoFormer eq. 15: `theta_i = base^(-2i/d)`; HF `compute_default_rope_parameters`."""
+  return 1.0 / (float(base) ** _exponents(dim))
+
+
+def _is_static(seq_len: Any) -> bool:
+  return seq_len is None or isinstance(seq_len, int | np.integer)
+
+
+def _f32(x: Any) -> jax.Array:
+  return jnp.asarray(x, dtype=jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face types.
+
+
+def _inv_freq_default(params: Params, head_dim: int, dim: int, seq_len: Any):
+  """Original RoPE; HF `LlamaRotaryEmbedding.compute_default_rope_parameters`."""
+  del head_dim, seq_len
+  return _base_inv_freq(params["rope_theta"], dim), 1.0
+
+
+def _inv_freq_linear(params: Params, head_dim: int, dim: int, seq_len: Any):
+  """Position Interpolation (Chen et al. 2023, arXiv:2306.15595, eq. 4: positions m -> m/s).
+
+  Dividing inv_freq by `factor` equals dividing positions; HF
+  `_compute_linear_scaling_rope_parameters`.
+  """
+  del head_dim, seq_len
+  return _base_inv_freq(params["rope_theta"], dim) / float(params["factor"]), 1.0
+
+
+def _inv_freq_dynamic(params: Params, head_dim: int, dim: int, seq_len: Any):
+  """Dynamic NTK scaling (/u/emozilla, /u/bloc97); HF `_compute_dynamic_ntk_parameters`.
+
+  `base' = base * (factor * L / L_max - (factor - 1))^(d / (d - 2))` with
+  `L = max(seq_len, L_max)`, `L_max = max_position_embeddings` and `seq_len = max position + 1`.
+
+  lcjax is pure: the base is recomputed from `seq_len` on every call. HF's `dynamic_rope_update`
+  is stateful instead: it grows a cached base when a longer sequence arrives and only resets it
+  when a sequence shorter than `max_position_embeddings` arrives, so in HF a 16K call followed by
+  an 8K call reuses the 16K base, while lcjax uses the 8K base. With `seq_len=None` the base is
+  unchanged, as at HF init.
+  """
+  del head_dim
+  inv_freq = _base_inv_freq(params["rope_theta"], dim)
+  if seq_len is None:
+    return inv_freq, 1.0
+  factor = float(params["factor"])
+  max_pos = float(params["max_position_embeddings"])
+  # base'^(-2i/d) = base^(-2i/d) * ratio^(-2i/(d-2)): only the small ratio term depends on
+  # seq_len, which keeps the fp32 (traced) path accurate.
+  exponents = np.arange(0, dim, 2, dtype=np.float64) / (dim - 2)
+  if _is_static(seq_len):
+    ratio = factor * max(float(seq_len), max_pos) / max_pos - (factor - 1.0)
+    return inv_freq * ratio ** (-exponents), 1.0
+  seq = jnp.maximum(_f32(seq_len), max_pos)
+  ratio = factor * seq / max_pos - (factor - 1.0)
+  return _f32(inv_freq) * jnp.exp(-_f32(exponents) * jnp.log(ratio)), 1.0
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+  """YaRN `sqrt(1/t) = 0.1 ln(s) + 1` (Peng et al. 2023, arXiv:2309.00071); HF `get_mscale`."""
+  if scale <= 1:
+    return 1.0
+  return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _inv_freq_yarn(params: Params, head_dim: int, dim: int, seq_len: Any):
+  """YaRN "NTK-by-parts" + attention temperature (Peng et al. 2023, arXiv:2309.00071).
+
+  HF `_compute_yarn_parameters`: frequencies making more than `beta_fast` rotations over
+  `original_max_position_embeddings` are kept (extrapolated), fewer than `beta_slow` are divided
+  by `factor` (interpolated), with a linear ramp between the correction dims (floored/ceiled when
+  `truncate`, the default). `attention_factor` defaults to `0.1 ln(factor) + 1`, or to
+  `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` when both are set (DeepSeek-V3).
+  """
+  del head_dim, seq_len
+  base = float(params["rope_theta"])
+  factor = float(params["factor"])
+  original_max = float(params["original_max_position_embeddings"])
+  attention_factor = params.get("attention_factor")
+  mscale = params.get("mscale")
+  mscale_all_dim = params.get("mscale_all_dim")
+  if attention_factor is None:
+    if mscale and mscale_all_dim:
+      attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    else:
+      attention_factor = _yarn_mscale(factor)
+  beta_fast = params.get("beta_fast") or 32
+  beta_slow = params.get("beta_slow") or 1
+
+  def correction_dim(num_rotations):
+    return dim * math.log(original_max / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+  if params.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001  # HF: prevent a singular ramp.
+  inv_freq_extrapolation = _base_inv_freq(base, dim)
+  inv_freq_interpolation = inv_freq_extrapolation / factor
+  ramp = np.clip((np.arange(len(inv_freq_extrapolation)) - low) / (high - low), 0.0, 1.0)
+  extrapolation_weight = 1.0 - ramp
+  inv_freq = (
+    inv_freq_interpolation * (1.0 - extrapolation_weight)
+    + inv_freq_extrapolation * extrapolation_weight
+  )
+  return inv_freq, float(attention_factor)
+
+
+def _inv_freq_llama3(params: Params, head_dim: int, dim: int, seq_len: Any):
+  """Llama 3.1 frequency bands ("The Llama 3 Herd of Models", arXiv:2407.21783).
+
+  HF `_compute_llama3_parameters`: with `lambda_i = 2 pi / theta_i` and `L = original_max`,
+  keep `theta_i` if `lambda_i < L / high_freq_factor`, use `theta_i / factor` if
+  `lambda_i > L / low_freq_factor`, else `(1 - a) theta_i / factor + a theta_i` with
+  `a = (L / lambda_i - low_freq_factor) / (high_freq_factor - low_freq_factor)`.
+  """
+  del head_dim, seq_len
+  inv_freq = _base_inv_freq(params["rope_theta"], dim)
+  factor = float(params["factor"])
+  low_freq_factor = float(params["low_freq_factor"])
+  high_freq_factor = float(params["high_freq_factor"])
+  original_max = float(params["original_max_position_embeddings"])
+  wavelen = 2 * math.pi / inv_freq
+  smooth = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+  inv_freq = np.where(
+    wavelen < original_max / high_freq_factor,
+    inv_freq,
+    np.where(wavelen > original_max / low_freq_factor, inv_freq / factor, smoothed),
+  )
+  return inv_freq, 1.0
+
+
+def _longrope_factor(params: Params) -> float:
+  factor = params.get("factor")
+  if factor is None:
+    factor = params["max_position_embeddings"] / params["original_max_position_embeddings"]
+  return float(factor)
+
+
+def _inv_freq_longrope(params: Params, head_dim: int, dim: int, seq_len: Any):
+  """LongRoPE (Ding et al. 2024, arXiv:2402.13753); HF `_compute_longrope_parameters`.
+
+  `inv_freq_i = 1 / (ext_i * base^(2i/d))` with `ext = long_factor` when
+  `seq_len > original_max_position_embeddings`, else `short_factor` (also when seq_len is None).
+  `factor` defaults to `max_position_embeddings / original_max_position_embeddings`, and
+  `attention_factor` to `sqrt(1 + ln(factor) / ln(original_max))` (1 when factor <= 1), used for
+  both the short and the long factors.
+  """
+  del head_dim
+  base = float(params["rope_theta"])
+  original_max = params["original_max_position_embeddings"]
+  factor = _longrope_factor(params)
+  attention_factor = params.get("attention_factor")
+  if attention_factor is None:
+    if factor <= 1.0:
+      attention_factor = 1.0
+    else:
+      attention_factor = math.sqrt(1 + math.log(factor) / math.log(original_max))
+  base_freq = float(base) ** _exponents(dim)
+  short = 1.0 / (np.asarray(params["short_factor"], dtype=np.float64) * base_freq)
+  long = 1.0 / (np.asarray(params["long_factor"], dtype=np.float64) * base_freq)
+  if seq_len is None:
+    return short, float(attention_factor)
+  if _is_static(seq_len):
+    return (long if seq_len > original_max else short), float(attention_factor)
+  return jnp.where(seq_len > original_max, _f32(long), _f32(short)), float(attention_factor)
+
+
+def _inv_freq_proportional(params: Params, head_dim: int, dim: int, seq_len: Any):
+  """Proportional RoPE; HF `_compute_proportional_rope_parameters`.
+
+  Rotates the first `int(partial_rotary_factor * head_dim // 2)` pairs with exponent
+  `2j / head_dim` (head_dim, not the rotary dim), zero frequency for the rest, then `/ factor`.
+  """
+  del dim, seq_len
+  rope_angles = int(_partial_rotary_factor(params) * head_dim // 2)
+  exponents = np.arange(0, 2 * rope_angles, 2, dtype=np.float64) / head_dim
+  inv_freq = 1.0 / (float(params["rope_theta"]) ** exponents)
+  inv_freq = np.pad(inv_freq, (0, head_dim // 2 - rope_angles))
+  return inv_freq / float(params.get("factor") or 1.0), 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# lcjax additions.
+
+
+def _inv_freq_abf(params: Params, head_dim: int, dim: int, seq_len: Any):
+  """Adjusted Base Frequency (Xiong et al. 2023, "Effective Long-Context Scaling of Foundation
+  Models", arXiv:2309.16039, "Positional Encoding"): default RoPE with a larger `rope_theta`
+  (10,000 -> 500,000 for Llama 2 Long). Equivalent to `default`; the name records the intent.
+  """
+  return _inv_freq_default(params, head_dim, dim, seq_len)
+
+
+def _query_scale_eabf(params: Params, positions_BT: jax.Array) -> jax.Array:
+  """Entropy-aware ABF query scale (Zhang et al. 2024, "Extending LLMs' Context Window with 100
+  Samples", arXiv:2401.07004; GAIR-NLP/Entropy-ABF `patch/EABF.py::apply_rotary_pos_emb_scale`):
+  `lambda = max(1, ln(pos + 1) / ln(L_train))` with `L_train = original_max_position_embeddings`.
+  """
+  train_len = float(params["original_max_position_embeddings"])
+  pos_BT = jnp.asarray(positions_BT).astype(jnp.float32)
+  return jnp.maximum(jnp.float32(1.0), jnp.log1p(pos_BT) / jnp.float32(math.log(train_len)))
+
+
+def _inv_freq_giraffe(params: Params, head_dim: int, dim: int, seq_len: Any):
+  """Giraffe truncated basis (Pal et al. 2023, "Giraffe: Adventures in Expanding Context Lengths
+  in LLMs", arXiv:2308.10882; abacusai/Long-Context `python/models/interpolate.py`,
+  `ScaledLlamaRotaryEmbedding` + `truncate_frequency`).
+
+  Starting from `base^(-2i/d)`: divide by `factor` when `factor > 1` (linear scaling); multiply by
+  `(1 - i / (d/2))^scale_power` when `scale_power > 0`; then, with `b = 2 pi / truncate_wavelength`
+  (skipped when it is 0), keep frequencies `>= b`, set those in `[b/8, b)` to `b/16` and those
+  `< b/8` to 0.
+  """
+  del head_dim, seq_len
+  inv_freq = _base_inv_freq(params["rope_theta"], dim)
+  factor = float(params.get("factor") or 1.0)
+  if factor > 1.0:
+    inv_freq = inv_freq / factor
+  scale_power = float(params.get("scale_power") or 0.0)
+  if scale_power > 0:
+    num = len(inv_freq)
+    inv_freq = inv_freq * (1.0 - np.arange(num) / num) ** scale_power
+  truncate_wavelength = float(params["truncate_wavelength"])
+  if truncate_wavelength > 0:
+    cutoff = 2 * math.pi / truncate_wavelength
+    # Both tests read the frequencies before truncation (reference `truncate_frequency`).
+    inv_freq = np.where(
+      inv_freq < cutoff / 8, 0.0, np.where(inv_freq < cutoff, cutoff / 16, inv_freq)
+    )
+  return inv_freq, 1.0
+
+
+def _inv_freq_nope(params: Params, head_dim: int, dim: int, seq_len: Any):
+  """No positional encoding (Kazemnejad et al. 2023, "The Impact of Positional Encoding on Length
+  Generalization in Transformers", arXiv:2305.19466): zero frequencies, identity rotation.
+  """
+  del params, dim, seq_len
+  return np.zeros(head_dim // 2, dtype=np.float64), 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, int | float | np.number) and not isinstance(value, bool)
+
+
+def _check_factor_list(params: Params, key: str, name: str, head_dim: int | None) -> None:
+  value = params[key]
+  if not isinstance(value, list | tuple) or not all(_is_number(x) for x in value):
+    raise ValueError(f"rope_parameters[{key!r}] must be a list of numbers for rope_type {name!r}")
+  if head_dim is not None:
+    expected = len(range(0, _rotary_dim(params, head_dim), 2))
+    if len(value) != expected:
+      raise ValueError(
+        f"rope_parameters[{key!r}] must have {expected} entries (rotary_dim / 2) for rope_type "
+        f"{name!r} and head_dim {head_dim}, got {len(value)}"
+      )
+
+
+def _check_longrope(params: Params, name: str, head_dim: int | None) -> None:
+  _check_factor_list(params, "short_factor", name, head_dim)
+  _check_factor_list(params, "long_factor", name, head_dim)
+  if params.get("factor") is None and params.get("max_position_embeddings") is None:
+    raise ValueError(
+      f"rope_parameters['factor'] is required for rope_type {name!r} when "
+      "rope_parameters['max_position_embeddings'] is absent"
+    )
+
+
+def _check_llama3(params: Params, name: str, head_dim: int | None) -> None:
+  del head_dim
+  if params["high_freq_factor"] <= params["low_freq_factor"]:
+    raise ValueError(
+      f"rope_parameters['high_freq_factor'] must exceed rope_parameters['low_freq_factor'] for "
+      f"rope_type {name!r}, got {params['high_freq_factor']} <= {params['low_freq_factor']}"
+    )
+
+
+def _check_dynamic(params: Params, name: str, head_dim: int | None) -> None:
+  if head_dim is not None and _rotary_dim(params, head_dim) <= 2:
+    raise ValueError(f"rope_type {name!r} needs a rotary dim > 2, got head_dim {head_dim}")
+
+
+def _check_eabf(params: Params, name: str, head_dim: int | None) -> None:
+  del head_dim
+  if params["original_max_position_embeddings"] <= 1:
+    raise ValueError(
+      f"rope_parameters['original_max_position_embeddings'] must be > 1 for rope_type {name!r}"
+    )
+
+
+def _check_giraffe(params: Params, name: str, head_dim: int | None) -> None:
+  del head_dim
+  value = params["truncate_wavelength"]
+  if not _is_number(value) or value < 0:
+    raise ValueError(
+      f"rope_parameters['truncate_wavelength'] must be a number >= 0 (0 turns truncation off) for "
+      f"rope_type {name!r}, got {value!r}"
+    )
+
+
+def _partial_rotary_factor(params: Params) -> float:
+  value = params.get("partial_rotary_factor")
+  return 1.0 if value is None else value
+
+
+def _rotary_dim(params: Params, head_dim: int) -> int:
+  return int(head_dim * _partial_rotary_factor(params))
+
+
+def validate_rope_parameters(rope_parameters: dict, *, head_dim: int | None = None) -> None:
+  """Raises ValueError (one sentence naming the key) if `rope_parameters` is unusable.
+
+  Unlike HF, which warns on most bad values and raises KeyError only for missing keys, lcjax
+  raises for unknown types, missing required keys, non-positive numbers and, when `head_dim` is
+  given, factor lists of the wrong length.
+  """
+  if not isinstance(rope_parameters, Mapping):
+    raise ValueError(f"rope_parameters must be a dict, got {type(rope_parameters).__name__}")
+  name = rope_parameters.get("rope_type")
+  if name is None:
+    raise ValueError(
+      "rope_parameters['rope_type'] is required; standardize_rope_parameters fills it in"
+    )
+  if name not in ROPE_TYPES:
+    choices = ", ".join(sorted(ROPE_TYPES))
+    raise ValueError(f"rope type {name!r} is unknown; choose one of {choices}")
+  rope_type = ROPE_TYPES[name]
+  for key in rope_type.required_keys:
+    if rope_parameters.get(key) is None:
+      raise ValueError(f"rope_parameters[{key!r}] is required for rope_type {name!r}")
+  for key in ("rope_theta", "partial_rotary_factor", *rope_type.positive_keys):
+    value = rope_parameters.get(key)
+    if value is not None and (not _is_number(value) or value <= 0):
+      raise ValueError(
+        f"rope_parameters[{key!r}] must be a number > 0 for rope_type {name!r}, got {value!r}"
+      )
+  if _partial_rotary_factor(rope_parameters) > 1:
+    raise ValueError(
+      f"rope_parameters['partial_rotary_factor'] must be <= 1, got "
+      f"{rope_parameters['partial_rotary_factor']}"
+    )
+  if head_dim is not None:
+    if not isinstance(head_dim, int | np.integer) or head_dim <= 0 or head_dim % 2:
+      raise ValueError(f"head_dim must be a positive even integer, got {head_dim!r}")
+    if _rotary_dim(rope_parameters, head_dim) < 1 and name != "nope":
+      raise ValueError(
+        f"rope_parameters['partial_rotary_factor'] leaves no rotary dims for head_dim {head_dim}"
+      )
+  if rope_type.check_fn is not None:
+    rope_type.check_fn(rope_parameters, name, head_dim)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry.
+
+_ORIG = "original_max_position_embeddings"
+_MAX = "max_position_embeddings"
+
+register_rope_type("default", RopeType(_inv_freq_default))
+register_rope_type("linear", RopeType(_inv_freq_linear, ("rope_theta", "factor"), ("factor",)))
+register_rope_type(
+  "dynamic",
+  RopeType(
+    _inv_freq_dynamic,
+    ("rope_theta", "factor", _MAX),
+    ("factor", _MAX),
+    _check_dynamic,
+    uses_seq_len=True,
+  ),
+)
+register_rope_type(
+  "yarn",
+  RopeType(_inv_freq_yarn, ("rope_theta", "factor", _ORIG), ("factor", _ORIG, "attention_factor")),
+)
+register_rope_type(
+  "llama3",
+  RopeType(
+    _inv_freq_llama3,
+    ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", _ORIG),
+    ("factor", "low_freq_factor", "high_freq_factor", _ORIG),
+    _check_llama3,
+  ),
+)
+register_rope_type(
+  "longrope",
+  RopeType(
+    _inv_freq_longrope,
+    ("rope_theta", "short_factor", "long_factor", _ORIG),
+    ("factor", _ORIG, _MAX, "attention_factor"),
+    _check_longrope,
+    uses_seq_len=True,
+  ),
+)
+register_rope_type("proportional", RopeType(_inv_freq_proportional, positive_keys=("factor",)))
+register_rope_type("abf", RopeType(_inv_freq_abf))
+register_rope_type(
+  "eabf",
+  RopeType(
+    _inv_freq_abf, ("rope_theta", _ORIG), check_fn=_check_eabf, query_scale_fn=_query_scale_eabf
+  ),
+)
+register_rope_type(
+  "giraffe",
+  RopeType(_inv_freq_giraffe, ("rope_theta", "truncate_wavelength"), ("factor",), _check_giraffe),
+)
+register_rope_type("nope", RopeType(_inv_freq_nope, required_keys=()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face config round trip.
+
+
+def standardize_rope_parameters(hf_config: dict) -> dict:
+  """Returns the rope_parameters dict of a HF config.json dict, standardized like transformers.
+
+  Mirrors transformers 5.24 `RotaryEmbeddingConfigMixin.convert_rope_params_to_dict` and
+  `standardize_rope_params`: legacy `rope_scaling` wins over `rope_parameters`; a legacy `type`
+  key becomes `rope_type` (HF keeps both; lcjax drops `type`); a missing `rope_type` is
+  "default"; top-level `rope_theta` (default 10000.0) and `partial_rotary_factor` are moved in
+  unless the dict has them; for llama3/yarn/longrope `original_max_position_embeddings` is
+  overwritten by a top-level `original_max_position_embeddings` when present (Phi-3 style), else
+  defaults to `max_position_embeddings`. (transformers applies that overwrite on the second
+  standardization, which `from_dict` and every rope init function run, so a bare
+  `LlamaConfig(**cfg).rope_parameters` may still show the default until then.)
+
+  lcjax also stores a top-level `max_position_embeddings` inside the dict, so `compute_inv_freq`
+  needs only the dict. Per-layer (nested) dicts are not supported.
+  """
+  if not isinstance(hf_config, Mapping):
+    raise ValueError(f"hf_config must be a dict, got {type(hf_config).__name__}")
+  rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters")
+  key = "rope_scaling" if hf_config.get("rope_scaling") else "rope_parameters"
+  if rope is None:
+    rope = {}
+  if not isinstance(rope, Mapping):
+    raise ValueError(f"hf_config[{key!r}] must be a dict, got {type(rope).__name__}")
+  nested = [k for k, v in rope.items() if isinstance(v, Mapping)]
+  if nested:
+    raise ValueError(
+      f"hf_config[{key!r}] holds per-layer dicts ({', '.join(map(str, nested))}), which lcjax "
+      "does not support; pass one flat dict"
+    )
+  params = copy.deepcopy(dict(rope))
+  legacy_type = params.pop("type", None)
+  params.setdefault("rope_type", legacy_type if legacy_type is not None else "default")
+  params.setdefault("rope_theta", hf_config.get("rope_theta", DEFAULT_ROPE_THETA))
+  if hf_config.get("partial_rotary_factor") is not None:
+    params.setdefault("partial_rotary_factor", hf_config["partial_rotary_factor"])
+  if params["rope_type"] in _HF_ORIGINAL_MAX_TYPES:
+    if hf_config.get("original_max_position_embeddings") is not None:
+      params["original_max_position_embeddings"] = hf_config["original_max_position_embeddings"]
+    elif hf_config.get("max_position_embeddings") is not None:
+      params.setdefault("original_max_position_embeddings", hf_config["max_position_embeddings"])
+  if hf_config.get("max_position_embeddings") is not None:
+    params["max_position_embeddings"] = hf_config["max_position_embeddings"]
+  validate_rope_parameters(params)
+  return params
+
+
+def to_hf_rope_fields(rope_parameters: dict) -> dict:
+  """Returns the config.json fields for `rope_parameters`, as transformers 5.24 writes them.
+
+  `LlamaConfig(...).to_dict()` writes `rope_parameters` (with `rope_type` and `rope_theta` inside)
+  and a top-level `max_position_embeddings`; lcjax's in-dict `max_position_embeddings` moves back
+  to the top level. So `standardize_rope_parameters(to_hf_rope_fields(p)) == p` for standardized
+  `p`. lcjax-only types (abf, eabf, giraffe, nope) are written as they are; transformers can
+  store them but has no init function for them (`abf` is HF `default` with its `rope_theta`).
+  """
+  validate_rope_parameters(rope_parameters)
+  params = copy.deepcopy(dict(rope_parameters))
+  max_pos = params.pop("max_position_embeddings", None)
+  fields = {"rope_parameters": params}
+  if max_pos is not None:
+    fields["max_position_embeddings"] = max_pos
+  return fields
+
+
+# ------------------------------------------------------------------------------------------------
+# Frequencies and rotation.
+
+
+def compute_inv_freq(
+  rope_parameters: dict, head_dim: int, *, seq_len: Any = None
+) -> tuple[jax.Array, float]:
+  """Returns `(inv_freq[head_dim // 2] float32, attention_factor)` for a standardized dict.
+
+  Matches transformers' `ROPE_INIT_FUNCTIONS[rope_type](config, seq_len=seq_len)` for the HF
+  types. `seq_len` is the maximum position + 1 of the current batch; only `dynamic` and `longrope`
+  use it, and it may be a traced jax scalar (those two are then computed with jnp ops in fp32,
+  without Python branching on its value). With `seq_len=None` they behave like HF at init
+  (dynamic: unchanged base; longrope: short factors). Static frequencies are computed in float64
+  and cast to float32.
+
+  With `partial_rotary_factor < 1`, the `rotary_dim // 2` frequencies are padded with zeros to
+  `head_dim // 2` entries (identity rotation); see the module docstring for the layout.
+  """
+  validate_rope_parameters(rope_parameters, head_dim=head_dim)
+  rope_type = ROPE_TYPES[rope_parameters["rope_type"]]
+  rotary_dim = _rotary_dim(rope_parameters, head_dim)
+  inv_freq, attention_factor = rope_type.inv_freq_fn(rope_parameters, head_dim, rotary_dim, seq_len)
+  num_pad = head_dim // 2 - inv_freq.shape[0]
+  if isinstance(inv_freq, np.ndarray):
+    inv_freq_K = _f32(np.pad(inv_freq, (0, num_pad)))
+  else:
+    inv_freq_K = jnp.pad(_f32(inv_freq), (0, num_pad))
+  return inv_freq_K, float(attention_factor)
+
+
+def query_scale(rope_parameters: dict, positions_BT: jax.Array) -> jax.Array | None:
+  """Returns the per-position query multiplier `[B, T]` float32, or None for most types.
+
+  Only `eabf` has one. It multiplies the query (never the key) after `apply_rope`, so the logit
+  scale is `lambda`, not `lambda^2`. The Entropy-ABF paper leaves layers 0 and 1 unscaled; that
+  per-layer choice belongs to the model.
+  """
+  validate_rope_parameters(rope_parameters)
+  fn = ROPE_TYPES[rope_parameters["rope_type"]].query_scale_fn
+  return None if fn is None else fn(rope_parameters, positions_BT)
+
+
+def rope_cos_sin(
+  inv_freq: jax.Array, attention_factor: float | jax.Array, positions_BT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Returns `(cos_BTK, sin_BTK)` float32, `K = head_dim // 2`, scaled by `attention_factor`.
+
+  Angles are `float32(positions) * inv_freq` in fp32 always: bf16 positions or angles destroy
+  RoPE at long range (transformers PR #29285). As HF `LlamaRotaryEmbedding.forward`, both cos and
+  sin are multiplied by `attention_factor`, so logits scale by `attention_factor^2`.
+  """
+  inv_freq_K = _f32(inv_freq)
+  angles_BTK = jnp.asarray(positions_BT).astype(jnp.float32)[..., None] * inv_freq_K
+  factor = _f32(attention_factor)
+  return jnp.cos(angles_BTK) * factor, jnp.sin(angles_BTK) * factor
+
+
+def apply_rope(x_BTHD: jax.Array, cos_BTK: jax.Array, sin_BTK: jax.Array) -> jax.Array:
+  """Rotates `x_BTHD` in HF's half-split layout; computed in fp32, returned in x's dtype.
+
+  HF `apply_rotary_pos_emb`: `x * cos + rotate_half(x) * sin` with `cos = concat(cos_K, cos_K)`
+  and `rotate_half(x) = concat(-x[D/2:], x[:D/2])`, i.e. pairs `(i, i + D/2)` rotate by angle i.
+  (HF casts cos/sin to x's dtype first; lcjax keeps fp32 until the end.)
+  """
+  half = x_BTHD.shape[-1] // 2
+  if x_BTHD.shape[-1] % 2 or cos_BTK.shape[-1] != half or sin_BTK.shape[-1] != half:
+    raise ValueError(
+      f"apply_rope needs an even head dim D and cos/sin with D/2 entries, got x {x_BTHD.shape}, "
+      f"cos {cos_BTK.shape}, sin {sin_BTK.shape}"
+    )
+  x_f32 = x_BTHD.astype(jnp.float32)
+  x1_BTHK, x2_BTHK = x_f32[..., :half], x_f32[..., half:]
+  cos_BT1K = cos_BTK.astype(jnp.float32)[..., None, :]
+  sin_BT1K = sin_BTK.astype(jnp.float32)[..., None, :]
+  out_BTHD = jnp.concatenate(
+    [x1_BTHK * cos_BT1K - x2_BTHK * sin_BT1K, x2_BTHK * cos_BT1K + x1_BTHK * sin_BT1K], axis=-1
+  )
+  return out_BTHD.astype(x_BTHD.dtype)
