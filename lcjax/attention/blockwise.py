@@ -1,0 +1,409 @@
+"""Blockwise (flash) attention in pure JAX: online softmax over kv blocks, empty blocks skipped.
+
+Forward (FlashAttention-2, Dao 2023, Alg. 1): for each q block, loop over kv blocks and
+keep the running row max m, the running denominator l and the unnormalized output acc
+(the online softmax of Milakov & Gimelshein 2018):
+
+  m' = max(m, rowmax(S_ij)),  P = exp(S_ij - m'),  l' = e^(m - m') l + rowsum(P),
+  acc' = e^(m - m') acc + P V_j,  and at the end  O_i = acc / l,  L_i = m + log(l).
+
+Backward (FlashAttention-2, Alg. 2): recompute P_ij = exp(S_ij - L_i) from the saved
+log-sum-exp L instead of storing P, with D_i = rowsum(dO_i ∘ O_i):
+
+  dV_j += P_ijᵀ dO_i,  dP_ij = dO_i V_jᵀ,  dS_ij = P_ij ∘ (dP_ij - D_i),
+  dQ_i += scale · dS_ij K_j,  dK_j += scale · dS_ijᵀ Q_i.
+
+The backward loops over kv blocks (outer; dK_j and dV_j are block-sized carries) and
+q blocks (inner; dQ is one [T, D] fp32 accumulator), as Alg. 2 does. Residuals are q,
+k, v, O and L, so forward and backward memory is O(T·D + block_q·block_kv), never
+O(T·S). The cotangent of L (partial results merged by LSE, as ring attention does)
+adds dL_i · P_ij to dS_ij, i.e. D_i becomes D_i - dL_i.
+
+GQA: the G = Hq / Hkv query heads that share a kv head are folded into the rows of a
+q block ([B, Hkv, block_q·G, D]), so every block product is one batched matmul and K,
+V are never repeated.
+
+Block skipping: `MaskSpec.block_map` classifies every (q block, kv block) pair; the pair
+is skipped when EMPTY for every batch row, computed without the element mask when FULL
+for every row, and with it otherwise. Each pair is one `lax.switch` inside a
+`lax.fori_loop` (never vmapped, so the skip is a real conditional, not a select).
+A query row with no visible key has l = 0: it outputs 0, its L is -inf and its
+gradients are 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lcjax.attention.masks import EMPTY, FULL, MaskSpec, resolve_mask_inputs
+from lcjax.attention.reference import check_qkv
+
+__all__ = [
+  "blockwise_attention",
+  "blockwise_attention_with_lse",
+  "blockwise_attention_stats",
+  "block_kinds",
+  "visited_block_pairs",
+]
+
+# Branches of the per-block switch (the values coincide with EMPTY/PARTIAL/FULL).
+SKIP, MASKED, UNMASKED = 0, 1, 2
+
+
+class _Static(NamedTuple):
+  mask: MaskSpec
+  scale: float
+  block_q: int
+  block_kv: int
+
+
+def block_kinds(block_map_BQK: jax.Array) -> jax.Array:
+  """Per-pair branch int32 [nQ, nK] for a whole batch: SKIP, MASKED or UNMASKED.
+
+  A pair is skipped only if EMPTY in every batch row and runs unmasked only if FULL in
+  every row (a row mixing FULL and EMPTY still needs the element mask).
+  """
+  visit_QK = (block_map_BQK != EMPTY).any(0)
+  full_QK = (block_map_BQK == FULL).all(0)
+  return jnp.where(visit_QK, jnp.where(full_QK, UNMASKED, MASKED), SKIP).astype(jnp.int32)
+
+
+def visited_block_pairs(block_map_BQK: jax.Array) -> jax.Array:
+  """How many (q block, kv block) pairs the blockwise loop computes for this block map."""
+  return (block_kinds(block_map_BQK) != SKIP).sum()
+
+
+def _rows(x, start, size, axis):
+  """x[..., start:start+size, ...] along `axis` for a traced start."""
+  return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _block_scores(st, masked, G, q_BKRD, k_BKSD, q_pos_BQ, k_pos_BS, q_seg_BQ, k_seg_BS, valid_BS):
+  """Scaled fp32 scores s[b, kv head, row, key] of one block, -inf where masked.
+
+  The G query heads that share a kv head are folded into the rows (r = q·G + g), so
+  every product is one batched matmul over (batch, kv head) and K, V are never repeated.
+  """
+  s_BKRS = jnp.einsum("bkrd,bksd->bkrs", q_BKRD, k_BKSD, preferred_element_type=jnp.float32)
+  s_BKRS = s_BKRS * st.scale
+  if masked:
+    if q_seg_BQ is not None:
+      q_seg_BQ, k_seg_BS = q_seg_BQ[:, :, None], k_seg_BS[:, None, :]
+    allowed_BQS = st.mask.allowed(q_pos_BQ[:, :, None], k_pos_BS[:, None, :], q_seg_BQ, k_seg_BS)
+    allowed_BQS = allowed_BQS & valid_BS[:, None, :]
+    B, bq, bk = allowed_BQS.shape
+    allowed_BRS = jnp.broadcast_to(allowed_BQS[:, :, None], (B, bq, G, bk)).reshape(B, -1, bk)
+    s_BKRS = jnp.where(allowed_BRS[:, None], s_BKRS, -jnp.inf)
+  return s_BKRS
+
+
+def _forward(
+  st, q_BKTGD, k_BKSD, v_BKSD, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, valid_BS, kinds_QK
+):
+  """FlashAttention-2 Alg. 1 on padded inputs: (out fp32 [B,K,T,G,D], lse [B,K,T,G], visits)."""
+  B, K, Tp, G, D = q_BKTGD.shape
+  bq, bk = st.block_q, st.block_kv
+  nQ, nK = Tp // bq, k_BKSD.shape[2] // bk
+  R = bq * G  # rows of a q block once the query heads of a kv head are folded in
+
+  def q_step(i, carry):
+    out_BKTGD, lse_BKTG, visits = carry
+    q_BKRD = _rows(q_BKTGD, i * bq, bq, 2).reshape(B, K, R, D)
+    q_pos_BQ = _rows(q_pos_BT, i * bq, bq, 1)
+    q_seg_BQ = None if q_seg_BT is None else _rows(q_seg_BT, i * bq, bq, 1)
+
+    def visit(masked):
+      def compute(j, carry):
+        m_BKR, l_BKR, acc_BKRD, n = carry
+        s_BKRS = _block_scores(
+          st,
+          masked,
+          G,
+          q_BKRD,
+          _rows(k_BKSD, j * bk, bk, 2),
+          q_pos_BQ,
+          _rows(k_pos_BS, j * bk, bk, 1),
+          q_seg_BQ,
+          None if k_seg_BS is None else _rows(k_seg_BS, j * bk, bk, 1),
+          _rows(valid_BS, j * bk, bk, 1),
+        )
+        m_new = jnp.maximum(m_BKR, s_BKRS.max(-1))
+        # While a row has seen no visible key its max is -inf; shift by 0 so exp gives 0.
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p_BKRS = jnp.exp(s_BKRS - m_safe[..., None])
+        alpha_BKR = jnp.exp(m_BKR - m_safe)
+        pv_BKRD = jnp.einsum(
+          "bkrs,bksd->bkrd",
+          p_BKRS,
+          _rows(v_BKSD, j * bk, bk, 2),
+          preferred_element_type=jnp.float32,
+        )
+        acc_BKRD = alpha_BKR[..., None] * acc_BKRD + pv_BKRD
+        return m_new, alpha_BKR * l_BKR + p_BKRS.sum(-1), acc_BKRD, n + 1
+
+      return compute
+
+    def kv_step(j, carry):
+      return lax.switch(kinds_QK[i, j], [lambda j, c: c, visit(True), visit(False)], j, carry)
+
+    init = (
+      jnp.full((B, K, R), -jnp.inf, jnp.float32),
+      jnp.zeros((B, K, R), jnp.float32),
+      jnp.zeros((B, K, R, D), jnp.float32),
+      visits,
+    )
+    m_BKR, l_BKR, acc_BKRD, visits = lax.fori_loop(0, nK, kv_step, init)
+    nonempty = l_BKR > 0
+    l_safe = jnp.where(nonempty, l_BKR, 1.0)
+    out_BKQGD = (acc_BKRD / l_safe[..., None]).reshape(B, K, bq, G, D)
+    lse_BKQG = jnp.where(nonempty, m_BKR + jnp.log(l_safe), -jnp.inf).reshape(B, K, bq, G)
+    out_BKTGD = lax.dynamic_update_slice_in_dim(out_BKTGD, out_BKQGD, i * bq, axis=2)
+    lse_BKTG = lax.dynamic_update_slice_in_dim(lse_BKTG, lse_BKQG, i * bq, axis=2)
+    return out_BKTGD, lse_BKTG, visits
+
+  init = (
+    jnp.zeros((B, K, Tp, G, D), jnp.float32),
+    jnp.zeros((B, K, Tp, G), jnp.float32),
+    jnp.int32(0),
+  )
+  return lax.fori_loop(0, nQ, q_step, init)
+
+
+def _backward(st, res, cotangents):
+  """FlashAttention-2 Alg. 2: (dq, dk, dv) recomputing P from the saved lse, block by block."""
+  q_BKTGD, k_BKSD, v_BKSD, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, valid_BS, kinds_QK = res[:9]
+  out_BKTGD, lse_BKTG = res[9:]
+  dout_BKTGD, dlse_BKTG = cotangents
+  B, K, Tp, G, D = q_BKTGD.shape
+  bq, bk = st.block_q, st.block_kv
+  nQ, nK = Tp // bq, k_BKSD.shape[2] // bk
+  R = bq * G
+  # D_i = rowsum(dO_i ∘ O_i), minus the lse cotangent (d lse_i / d S_ij = P_ij).
+  delta_BKTG = jnp.einsum("bktgd,bktgd->bktg", dout_BKTGD.astype(jnp.float32), out_BKTGD)
+  delta_BKTG = delta_BKTG - dlse_BKTG
+  # Rows with no visible key have lse = -inf; +inf makes their P = exp(S - inf) = 0.
+  lse_BKTG = jnp.where(lse_BKTG == -jnp.inf, jnp.inf, lse_BKTG)
+
+  def kv_step(j, carry):
+    dq_BKTGD, dk_BKSD, dv_BKSD = carry
+    k_BKSD_j, v_BKSD_j = _rows(k_BKSD, j * bk, bk, 2), _rows(v_BKSD, j * bk, bk, 2)
+    k_pos_BS_j, valid_BS_j = _rows(k_pos_BS, j * bk, bk, 1), _rows(valid_BS, j * bk, bk, 1)
+    k_seg_BS_j = None if k_seg_BS is None else _rows(k_seg_BS, j * bk, bk, 1)
+
+    def visit(masked):
+      def compute(i, carry):
+        dk_BKSD_j, dv_BKSD_j, dq_BKTGD = carry
+        q_BKRD = _rows(q_BKTGD, i * bq, bq, 2).reshape(B, K, R, D)
+        do_BKRD = _rows(dout_BKTGD, i * bq, bq, 2).reshape(B, K, R, D).astype(jnp.float32)
+        lse_BKR = _rows(lse_BKTG, i * bq, bq, 2).reshape(B, K, R)
+        delta_BKR = _rows(delta_BKTG, i * bq, bq, 2).reshape(B, K, R)
+        s_BKRS = _block_scores(
+          st,
+          masked,
+          G,
+          q_BKRD,
+          k_BKSD_j,
+          _rows(q_pos_BT, i * bq, bq, 1),
+          k_pos_BS_j,
+          None if q_seg_BT is None else _rows(q_seg_BT, i * bq, bq, 1),
+          k_seg_BS_j,
+          valid_BS_j,
+        )
+        p_BKRS = jnp.exp(s_BKRS - lse_BKR[..., None])  # P_ij = exp(S_ij - L_i)
+        dv_BKSD_j = dv_BKSD_j + jnp.einsum("bkrs,bkrd->bksd", p_BKRS, do_BKRD)
+        dp_BKRS = jnp.einsum(
+          "bkrd,bksd->bkrs", do_BKRD, v_BKSD_j, preferred_element_type=jnp.float32
+        )
+        ds_BKRS = p_BKRS * (dp_BKRS - delta_BKR[..., None])
+        dk_BKSD_j = dk_BKSD_j + st.scale * jnp.einsum(
+          "bkrs,bkrd->bksd", ds_BKRS, q_BKRD, preferred_element_type=jnp.float32
+        )
+        dq_BKRD = st.scale * jnp.einsum(
+          "bkrs,bksd->bkrd", ds_BKRS, k_BKSD_j, preferred_element_type=jnp.float32
+        )
+        dq_BKTGD = lax.dynamic_update_slice_in_dim(
+          dq_BKTGD,
+          _rows(dq_BKTGD, i * bq, bq, 2) + dq_BKRD.reshape(B, K, bq, G, D),
+          i * bq,
+          axis=2,
+        )
+        return dk_BKSD_j, dv_BKSD_j, dq_BKTGD
+
+      return compute
+
+    def q_step(i, carry):
+      return lax.switch(kinds_QK[i, j], [lambda i, c: c, visit(True), visit(False)], i, carry)
+
+    zeros_BKSD = jnp.zeros((B, K, bk, D), jnp.float32)
+    dk_BKSD_j, dv_BKSD_j, dq_BKTGD = lax.fori_loop(
+      0, nQ, q_step, (zeros_BKSD, zeros_BKSD, dq_BKTGD)
+    )
+    dk_BKSD = lax.dynamic_update_slice_in_dim(dk_BKSD, dk_BKSD_j, j * bk, axis=2)
+    dv_BKSD = lax.dynamic_update_slice_in_dim(dv_BKSD, dv_BKSD_j, j * bk, axis=2)
+    return dq_BKTGD, dk_BKSD, dv_BKSD
+
+  init = (
+    jnp.zeros(q_BKTGD.shape, jnp.float32),
+    jnp.zeros(k_BKSD.shape, jnp.float32),
+    jnp.zeros(v_BKSD.shape, jnp.float32),
+  )
+  dq_BKTGD, dk_BKSD, dv_BKSD = lax.fori_loop(0, nK, kv_step, init)
+  return dq_BKTGD.astype(q_BKTGD.dtype), dk_BKSD.astype(k_BKSD.dtype), dv_BKSD.astype(v_BKSD.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st, q, k, v, q_pos, k_pos, q_seg, k_seg, valid, kinds):
+  out_BKTGD, lse_BKTG, _ = _forward(st, q, k, v, q_pos, k_pos, q_seg, k_seg, valid, kinds)
+  return out_BKTGD.astype(q.dtype), lse_BKTG
+
+
+def _flash_fwd(st, q, k, v, q_pos, k_pos, q_seg, k_seg, valid, kinds):
+  out_BKTGD, lse_BKTG, _ = _forward(st, q, k, v, q_pos, k_pos, q_seg, k_seg, valid, kinds)
+  # Residuals are O(T): the inputs, the fp32 output and the lse; never the probabilities.
+  res = (q, k, v, q_pos, k_pos, q_seg, k_seg, valid, kinds, out_BKTGD, lse_BKTG)
+  return (out_BKTGD.astype(q.dtype), lse_BKTG), res
+
+
+def _flash_bwd(st, res, cotangents):
+  dq, dk, dv = _backward(st, res, cotangents)
+  return dq, dk, dv, None, None, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _prepare(
+  q_BTHD,
+  k_BSKD,
+  v_BSKD,
+  mask,
+  q_segment_ids,
+  kv_segment_ids,
+  q_positions,
+  kv_positions,
+  scale,
+  block_q,
+  block_kv,
+):
+  """Validates, fills defaults, pads T and S to block multiples and builds the block kinds."""
+  if not isinstance(mask, MaskSpec):
+    raise ValueError(f"mask must be a MaskSpec, got {type(mask).__name__}")
+  for name, size in (("block_q", block_q), ("block_kv", block_kv)):
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+      raise ValueError(f"{name} must be a positive integer, got {size!r}")
+  G = check_qkv(q_BTHD, k_BSKD, v_BSKD)
+  B, T, _, D = q_BTHD.shape
+  S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
+  scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+  bq, bk = min(block_q, T), min(block_kv, S)
+  Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
+  q_pos, k_pos, q_seg, k_seg = resolve_mask_inputs(
+    mask, B, T, S, q_positions, kv_positions, q_segment_ids, kv_segment_ids
+  )
+
+  def pad(x, n, mode="constant"):
+    return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2), mode=mode)
+
+  # Padded queries repeat the last position and segment (their rows are dropped);
+  # padded keys are marked invalid, so no query ever sees them.
+  q_pos, q_seg = pad(q_pos, Tp, "edge"), None if q_seg is None else pad(q_seg, Tp, "edge")
+  k_pos, k_seg = pad(k_pos, Sp, "edge"), None if k_seg is None else pad(k_seg, Sp, "edge")
+  valid_BS = jnp.broadcast_to(jnp.arange(Sp) < S, (B, Sp))
+  block_map_BQK = mask.block_map(
+    q_pos, k_pos, q_seg, k_seg, block_q=bq, block_kv=bk, kv_valid=valid_BS
+  )
+  st = _Static(mask, scale, bq, bk)
+  # Kernel layouts: kv head first, so each block product is a plain batched matmul.
+  q_BKTGD = pad(q_BTHD, Tp).reshape(B, Tp, Hkv, G, D).transpose(0, 2, 1, 3, 4)
+  k_BKSD, v_BKSD = (pad(x, Sp).transpose(0, 2, 1, 3) for x in (k_BSKD, v_BSKD))
+  args = (q_BKTGD, k_BKSD, v_BKSD, q_pos, k_pos, q_seg, k_seg, valid_BS, block_kinds(block_map_BQK))
+  return st, args
+
+
+_STATIC = ("mask", "scale", "block_q", "block_kv")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def blockwise_attention_with_lse(
+  q_BTHD: jax.Array,
+  k_BSKD: jax.Array,
+  v_BSKD: jax.Array,
+  *,
+  mask: MaskSpec,
+  q_segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  scale: float | None = None,
+  block_q: int = 512,
+  block_kv: int = 512,
+) -> tuple[jax.Array, jax.Array]:
+  """Flash attention: (out_BTHD in q's dtype, lse_BHT fp32, -inf for rows with no key).
+
+  Differentiable in both outputs (a custom VJP, FlashAttention-2 Alg. 2), so partial
+  results over disjoint key sets can be merged by their lse (ring attention) and
+  trained through. Arguments are those of `lcjax.attention.dot_product_attention`.
+  """
+  B, T, Hq, D = q_BTHD.shape
+  st, args = _prepare(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    mask,
+    q_segment_ids,
+    kv_segment_ids,
+    q_positions,
+    kv_positions,
+    scale,
+    block_q,
+    block_kv,
+  )
+  out_BKTGD, lse_BKTG = _flash(st, *args)
+  out_BTHD = out_BKTGD[:, :, :T].transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
+  lse_BHT = lse_BKTG[:, :, :T].transpose(0, 1, 3, 2).reshape(B, Hq, T)
+  return out_BTHD, lse_BHT
+
+
+def blockwise_attention(q_BTHD, k_BSKD, v_BSKD, **kwargs) -> jax.Array:
+  """`blockwise_attention_with_lse` without the lse: out_BTHD in q's dtype."""
+  return blockwise_attention_with_lse(q_BTHD, k_BSKD, v_BSKD, **kwargs)[0]
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def blockwise_attention_stats(
+  q_BTHD: jax.Array,
+  k_BSKD: jax.Array,
+  v_BSKD: jax.Array,
+  *,
+  mask: MaskSpec,
+  q_segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  scale: float | None = None,
+  block_q: int = 512,
+  block_kv: int = 512,
+) -> dict[str, jax.Array]:
+  """Work done by the forward loop: {"visited": pairs it computed (counted inside the
+  loop's compute branches), "total": nQ·nK}. Takes `blockwise_attention`'s arguments."""
+  st, args = _prepare(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    mask,
+    q_segment_ids,
+    kv_segment_ids,
+    q_positions,
+    kv_positions,
+    scale,
+    block_q,
+    block_kv,
+  )
+  _, _, visits = _forward(st, *args)
+  return {"visited": visits, "total": jnp.int32(args[-1].size)}
