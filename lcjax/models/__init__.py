@@ -1,0 +1,30 @@
+"""Model registry: `build_model(config.model, rngs=...)` builds any lcjax family."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from lcjax.config import ConfigError
+from lcjax.models.config import llama_config, validate_model_config
+from lcjax.models.generate import generate
+from lcjax.models.transformer import LlamaLM
+
+__all__ = [
+  "build_model",
+  "generate",
+  "llama_config",
+  "validate_model_config",
+  "LlamaLM",
+  "FAMILIES",
+]
+
+# family name → model class; a new family is one entry.
+FAMILIES = {"llama": LlamaLM}
+
+
+def build_model(model_config, *, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds the model `model_config.family` names, with float32 parameters."""
+  family = model_config.get("family")
+  if family not in FAMILIES:
+    raise ConfigError(f"model.family={family!r} is unknown; choose one of {sorted(FAMILIES)}")
+  return FAMILIES[family](model_config, rngs=rngs)

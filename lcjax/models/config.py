@@ -1,0 +1,123 @@
+"""Model configs for the Llama family (Llama, Mistral, Qwen2) and their validation.
+
+Field names follow the lcjax config skeleton (DESIGN.md, "Config skeleton"); the
+mapping to Hugging Face `config.json` keys lives in `lcjax.interop.hf`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from lcjax.config import ConfigError, require
+from lcjax.positional.rope import validate_rope_parameters
+
+__all__ = ["llama_config", "validate_model_config", "layer_types", "head_dim", "LAYER_TYPES"]
+
+# Per-layer attention kinds (Hugging Face `layer_types` names). Later issues add
+# sparse kinds (LongGen) and "mamba2" layers through the same field.
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """A tiny Llama config; every field can be overridden by keyword.
+
+  `rope` holds standardized Hugging Face `rope_parameters` (see
+  `lcjax.positional.rope.standardize_rope_parameters`).
+  """
+  cfg = ml_collections.ConfigDict(
+    dict(
+      family="llama",
+      hf_model_type="llama",  # llama | mistral | qwen2: what save_pretrained writes
+      vocab_size=384,
+      d_model=128,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=ml_collections.config_dict.placeholder(int),  # None: d_model // num_heads
+      mlp_dim=352,
+      rms_norm_eps=1e-5,
+      max_position_embeddings=2048,
+      rope=dict(rope_type="default", rope_theta=10000.0, max_position_embeddings=2048),
+      qkv_bias=False,  # Qwen2: True
+      o_bias=False,  # Llama `attention_bias=True` sets both qkv_bias and o_bias
+      mlp_bias=False,
+      tie_embeddings=False,
+      sliding_window=ml_collections.config_dict.placeholder(int),  # Mistral / Qwen2
+      layer_types=ml_collections.config_dict.placeholder(tuple),  # None: derived
+      anchor=False,  # AnchorAttention: key 0 visible to every document
+      dtype="auto",  # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
+      attention_impl="auto",
+      attention_block_q=512,
+      attention_block_kv=512,
+      initializer_range=0.02,
+    )
+  )
+  for key, value in overrides.items():
+    if key not in cfg:
+      raise ConfigError(
+        f"model config has no field {key!r}; known fields: {', '.join(sorted(cfg))}"
+      )
+    if isinstance(value, dict):
+      cfg[key] = ml_collections.ConfigDict(value)
+    else:
+      cfg[key] = value
+  return cfg
+
+
+def head_dim(cfg) -> int:
+  return cfg.head_dim if cfg.head_dim is not None else cfg.d_model // cfg.num_heads
+
+
+def layer_types(cfg) -> tuple[str, ...]:
+  """Per-layer attention kinds; default: sliding everywhere if `sliding_window` else full."""
+  if cfg.layer_types is not None:
+    return tuple(cfg.layer_types)
+  kind = "sliding_attention" if cfg.sliding_window is not None else "full_attention"
+  return (kind,) * cfg.num_layers
+
+
+def validate_model_config(cfg) -> None:
+  """Raises ConfigError with one sentence naming the field and the fix."""
+  require(cfg.family == "llama", f"model.family={cfg.family!r} is unknown; use 'llama'")
+  require(
+    cfg.hf_model_type in ("llama", "mistral", "qwen2"),
+    f"model.hf_model_type={cfg.hf_model_type!r} is unsupported; use llama, mistral or qwen2",
+  )
+  for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+    require(cfg[name] >= 1, f"model.{name}={cfg[name]} must be a positive integer")
+  require(
+    cfg.num_heads % cfg.num_kv_heads == 0,
+    f"model.num_heads={cfg.num_heads} must be a multiple of model.num_kv_heads="
+    f"{cfg.num_kv_heads} for grouped-query attention",
+  )
+  require(
+    cfg.head_dim is not None or cfg.d_model % cfg.num_heads == 0,
+    f"model.d_model={cfg.d_model} is not divisible by model.num_heads={cfg.num_heads}; "
+    "set model.head_dim explicitly",
+  )
+  require(head_dim(cfg) % 2 == 0, f"model.head_dim={head_dim(cfg)} must be even for RoPE")
+  kinds = layer_types(cfg)
+  require(
+    len(kinds) == cfg.num_layers,
+    f"model.layer_types has {len(kinds)} entries but model.num_layers={cfg.num_layers}",
+  )
+  for kind in kinds:
+    require(kind in LAYER_TYPES, f"model.layer_types entry {kind!r} is unknown; use {LAYER_TYPES}")
+  if "sliding_attention" in kinds:
+    require(
+      cfg.sliding_window is not None and cfg.sliding_window >= 1,
+      "model.layer_types uses 'sliding_attention' but model.sliding_window is not set",
+    )
+  validate_rope_parameters(cfg.rope.to_dict())
+  rope_max = cfg.rope.get("max_position_embeddings")
+  require(
+    rope_max is None or rope_max == cfg.max_position_embeddings,
+    f"model.rope.max_position_embeddings={rope_max} differs from model.max_position_embeddings="
+    f"{cfg.max_position_embeddings}; set them equal (dynamic NTK and LongRoPE read it)",
+  )
+  require(
+    cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
+    f"model.dtype={cfg.dtype!r} is unknown; use auto, float32, bfloat16 or float16",
+  )

@@ -1,0 +1,64 @@
+"""Building blocks of the Llama family: RMSNorm, SwiGLU MLP, dense projections.
+
+Parameters are float32; `dtype` is the compute dtype. Each block matches the
+Hugging Face module named in its docstring in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["RMSNorm", "SwiGLU", "dense", "resolve_dtype"]
+
+
+def resolve_dtype(name: str) -> jnp.dtype:
+  """`auto` → bfloat16 on TPU/GPU, float32 on CPU (decided when a model is built)."""
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return jnp.dtype(name)
+
+
+def dense(in_features: int, out_features: int, *, bias: bool, dtype, init_std: float, rngs):
+  """A Linear layer with float32 params, kernel [in, out] (HF stores [out, in])."""
+  return nnx.Linear(
+    in_features,
+    out_features,
+    use_bias=bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=nnx.initializers.normal(init_std),
+    bias_init=nnx.initializers.zeros_init(),
+    rngs=rngs,
+  )
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm (Zhang & Sennrich 2019, eq. 4); HF `LlamaRMSNorm`.
+
+  The statistic is computed in float32 and the result cast back before the
+  scale, exactly as HF does, so bfloat16 runs round the same way.
+  """
+
+  def __init__(self, dim: int, *, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    x32_BTD = x_BTD.astype(jnp.float32)
+    variance_BT1 = jnp.mean(jnp.square(x32_BTD), axis=-1, keepdims=True)
+    normed_BTD = (x32_BTD * jax.lax.rsqrt(variance_BT1 + self.eps)).astype(x_BTD.dtype)
+    return self.scale[...].astype(x_BTD.dtype) * normed_BTD
+
+
+class SwiGLU(nnx.Module):
+  """Gated MLP down(silu(gate(x)) * up(x)) (Shazeer 2020, eq. 6); HF `LlamaMLP`."""
+
+  def __init__(self, d_model: int, mlp_dim: int, *, bias: bool, dtype, init_std: float, rngs):
+    self.gate_proj = dense(d_model, mlp_dim, bias=bias, dtype=dtype, init_std=init_std, rngs=rngs)
+    self.up_proj = dense(d_model, mlp_dim, bias=bias, dtype=dtype, init_std=init_std, rngs=rngs)
+    self.down_proj = dense(mlp_dim, d_model, bias=bias, dtype=dtype, init_std=init_std, rngs=rngs)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))

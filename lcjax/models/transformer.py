@@ -1,0 +1,248 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) in Flax NNX.
+
+One model covers the family through flags: grouped-query attention, qkv bias
+(Qwen2), tied embeddings, explicit head_dim, sliding-window layers (Mistral)
+and a per-layer `layer_types` pattern for hybrids. The forward pass matches
+Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM` in
+float32 (tests/test_hf_interop.py).
+
+Attention masks come from the batch: `segment_ids` (packed documents) and the
+token's index in the row. RoPE uses `positions`, which may restart per document
+(ProLong) or stay global (AnchorAttention); masking never reads them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcjax.attention import MaskSpec, dot_product_attention
+from lcjax.models.config import head_dim, layer_types, validate_model_config
+from lcjax.models.layers import RMSNorm, SwiGLU, dense, resolve_dtype
+from lcjax.positional.rope import apply_rope, compute_inv_freq, query_scale, rope_cos_sin
+
+__all__ = ["LlamaLM", "KVCache", "RopeTables"]
+
+
+class RopeTables(NamedTuple):
+  """Per-call RoPE inputs shared by every layer (computed once, in float32)."""
+
+  cos_BTK: jax.Array
+  sin_BTK: jax.Array
+  q_scale_BT: jax.Array | None  # entropy-aware ABF query scale, else None
+
+
+class KVCache(NamedTuple):
+  """Keys/values of one layer for decoding; slots past the write index hold zeros."""
+
+  k_BSKD: jax.Array
+  v_BSKD: jax.Array
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE (HF `LlamaAttention`)."""
+
+  def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+    d, hd, std = cfg.d_model, head_dim(cfg), cfg.initializer_range
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+    self.impl = cfg.attention_impl
+    self.block_q, self.block_kv = cfg.attention_block_q, cfg.attention_block_kv
+    qkv = dict(bias=cfg.qkv_bias, dtype=dtype, init_std=std, rngs=rngs)
+    self.q_proj = dense(d, cfg.num_heads * hd, **qkv)
+    self.k_proj = dense(d, cfg.num_kv_heads * hd, **qkv)
+    self.v_proj = dense(d, cfg.num_kv_heads * hd, **qkv)
+    self.o_proj = dense(
+      cfg.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype, init_std=std, rngs=rngs
+    )
+
+  def __call__(
+    self,
+    x_BTD: jax.Array,
+    rope: RopeTables,
+    *,
+    mask: MaskSpec,
+    segment_ids_BT: jax.Array | None,
+    q_index_BT: jax.Array,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+  ) -> tuple[jax.Array, KVCache | None]:
+    B, T, _ = x_BTD.shape
+    q_BTHD = self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
+    k_BTKD = self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
+    v_BTKD = self.v_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
+    q_BTHD = apply_rope(q_BTHD, rope.cos_BTK, rope.sin_BTK)
+    k_BTKD = apply_rope(k_BTKD, rope.cos_BTK, rope.sin_BTK)
+    if rope.q_scale_BT is not None:
+      q_BTHD = (q_BTHD * rope.q_scale_BT[:, :, None, None]).astype(q_BTHD.dtype)
+
+    kv_index_BS, kv_segment_ids = q_index_BT, segment_ids_BT
+    if cache is not None:
+      if segment_ids_BT is not None:
+        raise ValueError("decoding with a KV cache takes one document per row; drop segment_ids")
+      # Keys are cached after RoPE, as in HF; the new rows go at `cache_index`.
+      k_BTKD = jax.lax.dynamic_update_slice_in_dim(cache.k_BSKD, k_BTKD, cache_index, axis=1)
+      v_BTKD = jax.lax.dynamic_update_slice_in_dim(cache.v_BSKD, v_BTKD, cache_index, axis=1)
+      cache = KVCache(k_BTKD, v_BTKD)
+      # Causal masking by index hides the still-empty slots after the write.
+      kv_index_BS = jnp.broadcast_to(jnp.arange(k_BTKD.shape[1]), (B, k_BTKD.shape[1]))
+    out_BTHD = dot_product_attention(
+      q_BTHD,
+      k_BTKD,
+      v_BTKD,
+      mask=mask,
+      q_segment_ids=segment_ids_BT,
+      kv_segment_ids=kv_segment_ids,
+      q_positions=q_index_BT,
+      kv_positions=kv_index_BS,
+      impl=self.impl,
+      block_q=self.block_q,
+      block_kv=self.block_kv,
+    )
+    return self.o_proj(out_BTHD.reshape(B, T, -1)), cache
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)) (HF `LlamaDecoderLayer`)."""
+
+  def __init__(self, cfg, layer_type: str, *, dtype, rngs: nnx.Rngs):
+    self.layer_type = layer_type
+    self.window = cfg.sliding_window if layer_type == "sliding_attention" else None
+    self.input_layernorm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
+    self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
+    self.mlp = SwiGLU(
+      cfg.d_model,
+      cfg.mlp_dim,
+      bias=cfg.mlp_bias,
+      dtype=dtype,
+      init_std=cfg.initializer_range,
+      rngs=rngs,
+    )
+
+  def __call__(self, x_BTD, rope, *, anchor, segment_ids_BT, q_index_BT, cache, cache_index):
+    mask = MaskSpec(
+      causal=True, document=segment_ids_BT is not None, anchor=anchor, window=self.window
+    )
+    attn_BTD, cache = self.self_attn(
+      self.input_layernorm(x_BTD),
+      rope,
+      mask=mask,
+      segment_ids_BT=segment_ids_BT,
+      q_index_BT=q_index_BT,
+      cache=cache,
+      cache_index=cache_index,
+    )
+    x_BTD = x_BTD + attn_BTD
+    return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), cache
+
+
+class LlamaLM(nnx.Module):
+  """Decoder-only LM: embed → blocks → RMSNorm → logits.
+
+  `model(tokens_BT, positions=None, segment_ids=None) -> logits_BTV` (float32).
+  `positions` are RoPE positions (default arange(T)); `segment_ids` mark packed
+  documents (default: one document, no document mask).
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    validate_model_config(cfg)
+    self.dtype = resolve_dtype(cfg.dtype)
+    self.anchor = cfg.anchor
+    self.head_dim = head_dim(cfg)
+    self.num_kv_heads = cfg.num_kv_heads
+    # Hashable, so the graph definition can be a static jit argument (generate).
+    self.rope_items = tuple(
+      (k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(cfg.rope.to_dict().items())
+    )
+    self.embed_tokens = nnx.Embed(
+      cfg.vocab_size,
+      cfg.d_model,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      embedding_init=nnx.initializers.normal(cfg.initializer_range),
+      rngs=rngs,
+    )
+    self.layers = nnx.List(
+      [DecoderBlock(cfg, kind, dtype=self.dtype, rngs=rngs) for kind in layer_types(cfg)]
+    )
+    self.norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
+    # Tied models (cfg.tie_embeddings) reuse the embedding matrix as the output layer.
+    self.lm_head = (
+      None
+      if cfg.tie_embeddings
+      else dense(
+        cfg.d_model,
+        cfg.vocab_size,
+        bias=False,
+        dtype=self.dtype,
+        init_std=cfg.initializer_range,
+        rngs=rngs,
+      )
+    )
+
+  @property
+  def rope_parameters(self) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in self.rope_items}
+
+  def rope_tables(self, positions_BT: jax.Array) -> RopeTables:
+    """cos/sin (float32 angles) and the optional query scale for these positions."""
+    seq_len = jnp.max(positions_BT) + 1  # dynamic NTK / LongRoPE pick frequencies from it
+    inv_freq_K, attention_factor = compute_inv_freq(
+      self.rope_parameters, self.head_dim, seq_len=seq_len
+    )
+    cos_BTK, sin_BTK = rope_cos_sin(inv_freq_K, attention_factor, positions_BT)
+    return RopeTables(cos_BTK, sin_BTK, query_scale(self.rope_parameters, positions_BT))
+
+  def hidden_states(
+    self,
+    tokens_BT: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    caches: list[KVCache] | None = None,
+    cache_index: jax.Array | int = 0,
+  ) -> tuple[jax.Array, list[KVCache] | None]:
+    """Final normed hidden states [B,T,D] (and updated caches when decoding)."""
+    B, T = tokens_BT.shape
+    q_index_BT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
+    positions_BT = q_index_BT if positions is None else positions
+    rope = self.rope_tables(positions_BT)
+    x_BTD = self.embed_tokens(tokens_BT)
+    new_caches = [] if caches is not None else None
+    for i, layer in enumerate(self.layers):
+      x_BTD, cache = layer(
+        x_BTD,
+        rope,
+        anchor=self.anchor,
+        segment_ids_BT=segment_ids,
+        q_index_BT=q_index_BT,
+        cache=None if caches is None else caches[i],
+        cache_index=cache_index,
+      )
+      if new_caches is not None:
+        new_caches.append(cache)
+    return self.norm(x_BTD), new_caches
+
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
+    """Vocabulary logits in float32 from hidden states (tied or separate head)."""
+    if self.lm_head is None:
+      return self.embed_tokens.attend(h_BTD).astype(jnp.float32)
+    return self.lm_head(h_BTD).astype(jnp.float32)
+
+  def __call__(self, tokens_BT, *, positions=None, segment_ids=None) -> jax.Array:
+    h_BTD, _ = self.hidden_states(tokens_BT, positions=positions, segment_ids=segment_ids)
+    return self.logits(h_BTD)
+
+  def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+    return [
+      KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers
+    ]
+
+  def decode(self, tokens_BT, caches: list[KVCache], cache_index) -> tuple[jax.Array, list]:
+    """Runs `tokens_BT` at positions cache_index.. against the cache; returns logits, caches."""
+    h_BTD, caches = self.hidden_states(tokens_BT, caches=caches, cache_index=cache_index)
+    return self.logits(h_BTD), caches
