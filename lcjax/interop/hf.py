@@ -1,0 +1,360 @@
+"""Hugging Face interop: read and write `config.json` + safetensors folders.
+
+`load_pretrained(path)` builds an lcjax model from a transformers checkpoint of
+`model_type` llama, mistral or qwen2 (single file or sharded with
+`model.safetensors.index.json`); `save_pretrained(model, model_config, path)`
+writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+Logits match transformers in float32 (tests/test_hf_interop.py). No torch is
+needed: tensors go through safetensors' numpy API (bfloat16 via ml_dtypes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from lcjax.models import build_model, llama_config
+from lcjax.models.config import head_dim, layer_types, validate_model_config
+from lcjax.positional.rope import standardize_rope_parameters, to_hf_rope_fields
+
+__all__ = [
+  "load_pretrained",
+  "save_pretrained",
+  "config_from_hf",
+  "config_to_hf",
+  "CheckpointError",
+]
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_ARCHITECTURES = {
+  "llama": "LlamaForCausalLM",
+  "mistral": "MistralForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
+}
+# Buffers some checkpoints carry that are recomputed, never loaded.
+_IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint folder lcjax cannot read; the message names the file and key."""
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict[str, Any], *, source: str = "config.json"):
+  """Maps a transformers config dict to an lcjax model config (`llama_config` fields).
+
+  Defaults for absent keys are those of transformers 5.x `LlamaConfig`,
+  `MistralConfig` and `Qwen2Config`.
+  """
+  model_type = hf.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise CheckpointError(
+      f"{source}: model_type={model_type!r} is not supported; lcjax loads {SUPPORTED_MODEL_TYPES}"
+    )
+  for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+    if key not in hf:
+      raise CheckpointError(f"{source}: required key {key!r} is missing")
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise CheckpointError(f"{source}: hidden_act={act!r} is not supported; lcjax implements silu")
+  num_layers = hf["num_hidden_layers"]
+  heads = hf["num_attention_heads"]
+  window = hf.get("sliding_window")
+  if model_type == "llama":
+    kinds = ["full_attention"] * num_layers
+    window = None
+  elif model_type == "mistral":
+    kinds = ["sliding_attention" if window is not None else "full_attention"] * num_layers
+  else:  # qwen2: the window is active only with use_sliding_window, from max_window_layers on
+    if not hf.get("use_sliding_window", False):
+      window = None
+    kinds = hf.get("layer_types") or [
+      "sliding_attention"
+      if window is not None and i >= hf.get("max_window_layers", 28)
+      else "full_attention"
+      for i in range(num_layers)
+    ]
+  if "sliding_attention" not in kinds:
+    window = None
+  attention_bias = bool(hf.get("attention_bias", False))
+  max_pos = hf.get("max_position_embeddings", {"qwen2": 32768}.get(model_type, 2048))
+  cfg = llama_config(
+    hf_model_type=model_type,
+    vocab_size=hf["vocab_size"],
+    d_model=hf["hidden_size"],
+    num_layers=num_layers,
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+    mlp_dim=hf.get("intermediate_size", 4 * hf["hidden_size"]),
+    rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+    max_position_embeddings=max_pos,
+    rope=standardize_rope_parameters({**hf, "max_position_embeddings": max_pos}),
+    qkv_bias=True if model_type == "qwen2" else attention_bias,
+    o_bias=attention_bias if model_type == "llama" else False,
+    mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    sliding_window=window,
+    layer_types=tuple(kinds),
+    initializer_range=hf.get("initializer_range", 0.02),
+  )
+  validate_model_config(cfg)
+  return cfg
+
+
+def config_to_hf(cfg) -> dict[str, Any]:
+  """The transformers `config.json` dict for an lcjax model config."""
+  model_type = cfg.hf_model_type
+  kinds = list(layer_types(cfg))
+  hf: dict[str, Any] = dict(
+    model_type=model_type,
+    architectures=[_ARCHITECTURES[model_type]],
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.d_model,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads,
+    intermediate_size=cfg.mlp_dim,
+    hidden_act="silu",
+    rms_norm_eps=cfg.rms_norm_eps,
+    max_position_embeddings=cfg.max_position_embeddings,
+    tie_word_embeddings=cfg.tie_embeddings,
+    initializer_range=cfg.initializer_range,
+    dtype="float32",
+  )
+  hf.update(to_hf_rope_fields(cfg.rope.to_dict()))
+  sliding = "sliding_attention" in kinds
+  if model_type == "llama":
+    if sliding:
+      raise CheckpointError("model_type 'llama' has no sliding-window layers; use mistral or qwen2")
+    if cfg.qkv_bias != cfg.o_bias:
+      raise CheckpointError("llama's attention_bias sets q/k/v/o biases together; use qwen2")
+    hf.update(head_dim=head_dim(cfg), attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  elif model_type == "mistral":
+    if sliding and kinds.count("sliding_attention") != len(kinds):
+      raise CheckpointError("mistral applies its window to every layer; use qwen2 for a mix")
+    _require_no_bias(cfg, model_type)
+    hf.update(head_dim=head_dim(cfg), sliding_window=cfg.sliding_window if sliding else None)
+  else:
+    if not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+      raise CheckpointError("qwen2 has q/k/v biases only; set qkv_bias=True, o_bias=mlp_bias=False")
+    if head_dim(cfg) * cfg.num_heads != cfg.d_model:
+      raise CheckpointError("qwen2 derives head_dim = hidden_size // num_heads; unset head_dim")
+    hf.update(
+      use_sliding_window=sliding,
+      sliding_window=cfg.sliding_window if sliding else None,
+      max_window_layers=kinds.index("sliding_attention") if sliding else cfg.num_layers,
+      layer_types=kinds,
+    )
+  return hf
+
+
+def _require_no_bias(cfg, model_type: str) -> None:
+  if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+    raise CheckpointError(f"{model_type} has no attention or MLP biases; use qwen2 or llama")
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def _hf_names(cfg) -> Iterator[tuple[str, tuple, bool]]:
+  """(HF tensor name, lcjax state path, transpose?) for every parameter."""
+  yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), False
+  for i in range(cfg.num_layers):
+    hf, lc = f"model.layers.{i}.", ("layers", i)
+    for proj, has_bias in (
+      ("q_proj", cfg.qkv_bias),
+      ("k_proj", cfg.qkv_bias),
+      ("v_proj", cfg.qkv_bias),
+      ("o_proj", cfg.o_bias),
+    ):
+      yield f"{hf}self_attn.{proj}.weight", (*lc, "self_attn", proj, "kernel"), True
+      if has_bias:
+        yield f"{hf}self_attn.{proj}.bias", (*lc, "self_attn", proj, "bias"), False
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+      yield f"{hf}mlp.{proj}.weight", (*lc, "mlp", proj, "kernel"), True
+      if cfg.mlp_bias:
+        yield f"{hf}mlp.{proj}.bias", (*lc, "mlp", proj, "bias"), False
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+      yield f"{hf}{norm}.weight", (*lc, norm, "scale"), False
+  yield "model.norm.weight", ("norm", "scale"), False
+  if not cfg.tie_embeddings:
+    yield "lm_head.weight", ("lm_head", "kernel"), True
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+  """Tensor name → safetensors file, from the index when sharded."""
+  index_path = os.path.join(path, _INDEX_FILE)
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise CheckpointError(f"{index_path}: has no 'weight_map' dict")
+    return {name: os.path.join(path, file) for name, file in weight_map.items()}
+  single = os.path.join(path, _SINGLE_FILE)
+  if not os.path.exists(single):
+    raise CheckpointError(
+      f"{path}: no {_SINGLE_FILE} or {_INDEX_FILE}; lcjax reads safetensors checkpoints only"
+    )
+  with safe_open(single, framework="numpy") as f:
+    return {name: single for name in f.keys()}
+
+
+def _read_tensors(files: dict[str, str], names: list[str]) -> dict[str, np.ndarray]:
+  by_file: dict[str, list[str]] = {}
+  for name in names:
+    by_file.setdefault(files[name], []).append(name)
+  out = {}
+  for file, file_names in by_file.items():
+    if not os.path.exists(file):
+      raise CheckpointError(f"{file}: shard listed in {_INDEX_FILE} does not exist")
+    with safe_open(file, framework="numpy") as f:
+      present = set(f.keys())
+      for name in file_names:
+        if name not in present:
+          raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the file")
+        out[name] = f.get_tensor(name)
+  return out
+
+
+def _set_path(tree: dict, path: tuple, value) -> None:
+  for key in path[:-1]:
+    tree = tree[key]
+  if path[-1] not in tree:
+    raise KeyError(path)
+  tree[path[-1]] = value
+
+
+def _get_path(tree: dict, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def load_pretrained(path: str, *, dtype=jnp.float32):
+  """Loads a transformers checkpoint folder into an lcjax model.
+
+  Args:
+    path: folder with `config.json` and `model.safetensors` (or a sharded index).
+    dtype: parameter dtype (float32 default; compute dtype is `model_config.dtype`).
+
+  Returns:
+    (model, model_config).
+  """
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise CheckpointError(f"{config_path}: not found; a Hugging Face folder needs config.json")
+  with open(config_path) as f:
+    try:
+      hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+  cfg = config_from_hf(hf, source=config_path)
+
+  files = _tensor_files(path)
+  expected = list(_hf_names(cfg))
+  missing = [name for name, _, _ in expected if name not in files]
+  if missing:
+    raise CheckpointError(
+      f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) for "
+      f"model_type {cfg.hf_model_type!r}"
+    )
+  known = {name for name, _, _ in expected} | ({"lm_head.weight"} if cfg.tie_embeddings else set())
+  unexpected = sorted(n for n in files if n not in known and not _IGNORED_TENSORS.match(n))
+  if unexpected:
+    raise CheckpointError(
+      f"{path}: tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all) has no place in "
+      f"an lcjax {cfg.hf_model_type} model; is config.json the right one for these weights?"
+    )
+  tensors = _read_tensors(files, [name for name, _, _ in expected])
+
+  abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  pure = nnx.to_pure_dict(state)
+  for name, lc_path, transpose in expected:
+    array = tensors[name].T if transpose else tensors[name]
+    want = _get_path(pure, lc_path).shape
+    if array.shape != want:
+      raise CheckpointError(
+        f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, but config.json implies "
+        f"{tuple(want[::-1]) if transpose else tuple(want)}"
+      )
+    _set_path(pure, lc_path, jnp.asarray(array.astype(np.float32), dtype=dtype))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state), cfg
+
+
+def save_pretrained(model, model_config, path: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes `config.json` and float32 safetensors that transformers loads.
+
+  Shards larger models with `model.safetensors.index.json` like transformers.
+  Files are written under temporary names and renamed, so an existing folder is
+  never left half-overwritten.
+  """
+  hf = config_to_hf(model_config)
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  tensors = {}
+  for name, lc_path, transpose in _hf_names(model_config):
+    array = np.asarray(jax.device_get(_get_path(pure, lc_path)), dtype=np.float32)
+    tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, array in tensors.items():
+    if shards[-1] and size + array.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = array
+    size += array.nbytes
+
+  os.makedirs(path, exist_ok=True)
+  written: list[tuple[str, str]] = []  # (tmp, final)
+
+  def stage(final_name: str) -> str:
+    tmp = os.path.join(path, f".{final_name}.tmp")
+    written.append((tmp, os.path.join(path, final_name)))
+    return tmp
+
+  meta = {"format": "pt"}
+  if len(shards) == 1:
+    save_file(shards[0], stage(_SINGLE_FILE), metadata=meta)
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, stage(file), metadata=meta)
+      weight_map.update({name: file for name in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    with open(stage(_INDEX_FILE), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  with open(stage("config.json"), "w") as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+  for tmp, final in written:
+    os.replace(tmp, final)
+  _remove_stale_weights(path, keep={os.path.basename(final) for _, final in written})
+
+
+def _remove_stale_weights(path: str, keep: set[str]) -> None:
+  """Deletes weight files of an earlier save that the new one replaced.
+
+  Only transformers' own weight file names are touched, so a stale index can't
+  point the next load at old shards; any other file in the folder stays.
+  """
+  pattern = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
+  for name in os.listdir(path):
+    if pattern.match(name) and name not in keep:
+      os.remove(os.path.join(path, name))
