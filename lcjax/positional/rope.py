@@ -285,65 +285,6 @@ def _inv_freq_proportional(params: Params, head_dim: int, dim: int, seq_len: Any
 
 
 # ------------------------------------------------------------------------------------------------
-# lcjax additions.
-
-
-def _inv_freq_abf(params: Params, head_dim: int, dim: int, seq_len: Any):
-  """Adjusted Base Frequency (Xiong et al. 2023, "Effective Long-Context Scaling of Foundation
-  Models", arXiv:2309.16039, "Positional Encoding"): default RoPE with a larger `rope_theta`
-  (10,000 -> 500,000 for Llama 2 Long). Equivalent to `default`; the name records the intent.
-  """
-  return _inv_freq_default(params, head_dim, dim, seq_len)
-
-
-def _query_scale_eabf(params: Params, positions_BT: jax.Array) -> jax.Array:
-  """Entropy-aware ABF query scale (Zhang et al. 2024, "Extending LLMs' Context Window with 100
-  Samples", arXiv:2401.07004; GAIR-NLP/Entropy-ABF `patch/EABF.py::apply_rotary_pos_emb_scale`):
-  `lambda = max(1, ln(pos + 1) / ln(L_train))` with `L_train = original_max_position_embeddings`.
-  """
-  train_len = float(params["original_max_position_embeddings"])
-  pos_BT = jnp.asarray(positions_BT).astype(jnp.float32)
-  return jnp.maximum(jnp.float32(1.0), jnp.log1p(pos_BT) / jnp.float32(math.log(train_len)))
-
-
-def _inv_freq_giraffe(params: Params, head_dim: int, dim: int, seq_len: Any):
-  """Giraffe truncated basis (Pal et al. 2023, "Giraffe: Adventures in Expanding Context Lengths
-  in LLMs", arXiv:2308.10882; abacusai/Long-Context `python/models/interpolate.py`,
-  `ScaledLlamaRotaryEmbedding` + `truncate_frequency`).
-
-  Starting from `base^(-2i/d)`: divide by `factor` when `factor > 1` (linear scaling); multiply by
-  `(1 - i / (d/2))^scale_power` when `scale_power > 0`; then, with `b = 2 pi / truncate_wavelength`
-  (skipped when it is 0), keep frequencies `>= b`, set those in `[b/8, b)` to `b/16` and those
-  `< b/8` to 0.
-  """
-  del head_dim, seq_len
-  inv_freq = _base_inv_freq(params["rope_theta"], dim)
-  factor = float(params.get("factor") or 1.0)
-  if factor > 1.0:
-    inv_freq = inv_freq / factor
-  scale_power = float(params.get("scale_power") or 0.0)
-  if scale_power > 0:
-    num = len(inv_freq)
-    inv_freq = inv_freq * (1.0 - np.arange(num) / num) ** scale_power
-  truncate_wavelength = float(params["truncate_wavelength"])
-  if truncate_wavelength > 0:
-    cutoff = 2 * math.pi / truncate_wavelength
-    # Both tests read the frequencies before truncation (reference `truncate_frequency`).
-    inv_freq = np.where(
-      inv_freq < cutoff / 8, 0.0, np.where(inv_freq < cutoff, cutoff / 16, inv_freq)
-    )
-  return inv_freq, 1.0
-
-
-def _inv_freq_nope(params: Params, head_dim: int, dim: int, seq_len: Any):
-  """No positional encoding (Kazemnejad et al. 2023, "The Impact of Positional Encoding on Length
-  Generalization in Transformers", arXiv:2305.19466): zero frequencies, identity rotation.
-  """
-  del params, dim, seq_len
-  return np.zeros(head_dim // 2, dtype=np.float64), 1.0
-
-
-# ------------------------------------------------------------------------------------------------
 # Validation.
 
 
@@ -386,24 +327,6 @@ def _check_llama3(params: Params, name: str, head_dim: int | None) -> None:
 def _check_dynamic(params: Params, name: str, head_dim: int | None) -> None:
   if head_dim is not None and _rotary_dim(params, head_dim) <= 2:
     raise ValueError(f"rope_type {name!r} needs a rotary dim > 2, got head_dim {head_dim}")
-
-
-def _check_eabf(params: Params, name: str, head_dim: int | None) -> None:
-  del head_dim
-  if params["original_max_position_embeddings"] <= 1:
-    raise ValueError(
-      f"rope_parameters['original_max_position_embeddings'] must be > 1 for rope_type {name!r}"
-    )
-
-
-def _check_giraffe(params: Params, name: str, head_dim: int | None) -> None:
-  del head_dim
-  value = params["truncate_wavelength"]
-  if not _is_number(value) or value < 0:
-    raise ValueError(
-      f"rope_parameters['truncate_wavelength'] must be a number >= 0 (0 turns truncation off) for "
-      f"rope_type {name!r}, got {value!r}"
-    )
 
 
 def _partial_rotary_factor(params: Params) -> float:
@@ -500,18 +423,6 @@ register_rope_type(
   ),
 )
 register_rope_type("proportional", RopeType(_inv_freq_proportional, positive_keys=("factor",)))
-register_rope_type("abf", RopeType(_inv_freq_abf))
-register_rope_type(
-  "eabf",
-  RopeType(
-    _inv_freq_abf, ("rope_theta", _ORIG), check_fn=_check_eabf, query_scale_fn=_query_scale_eabf
-  ),
-)
-register_rope_type(
-  "giraffe",
-  RopeType(_inv_freq_giraffe, ("rope_theta", "truncate_wavelength"), ("factor",), _check_giraffe),
-)
-register_rope_type("nope", RopeType(_inv_freq_nope, required_keys=()))
 
 
 # ------------------------------------------------------------------------------------------------
