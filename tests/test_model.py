@@ -111,3 +111,26 @@ def test_unknown_field_and_family():
     llama_config(hiden_size=3)
   with pytest.raises(ConfigError, match="family='gpt'"):
     build_model(llama_config(family="gpt"), rngs=nnx.Rngs(0))
+
+
+def test_remat_policies_give_identical_gradients():
+  """Activation checkpointing recomputes, it must not change values."""
+  tokens = np.random.default_rng(0).integers(0, 384, size=(2, 12))
+  segments = np.array([[1] * 5 + [2] * 7] * 2)
+  grads = {}
+  for policy in ("none", "full", "dots"):
+    model, _ = _model(remat=policy, initializer_range=0.1)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p, graphdef=graphdef):
+      return jnp.mean(nnx.merge(graphdef, p)(tokens, segment_ids=segments) ** 2)
+
+    grads[policy] = jax.grad(loss)(params)
+  for policy in ("full", "dots"):
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+      grads["none"],
+      grads[policy],
+    )
+  with pytest.raises(ValueError, match="model.remat"):
+    _model(remat="sometimes")

@@ -18,6 +18,9 @@ __all__ = ["llama_config", "validate_model_config", "layer_types", "head_dim", "
 # Per-layer attention kinds (Hugging Face `layer_types` names). Later issues add
 # sparse kinds (LongGen) and "mamba2" layers through the same field.
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# Activation checkpointing per decoder layer: none, full (recompute everything), or
+# dots (keep matmul outputs without batch dims, recompute the rest).
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -48,6 +51,7 @@ def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
       layer_types=ml_collections.config_dict.placeholder(tuple),  # None: derived
       anchor=False,  # AnchorAttention: key 0 visible to every document
       dtype="auto",  # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
+      remat="none",  # none | full | dots (save matmul outputs): activation checkpointing per layer
       attention_impl="auto",
       attention_block_q=512,
       attention_block_kv=512,
@@ -116,6 +120,10 @@ def validate_model_config(cfg) -> None:
     rope_max is None or rope_max == cfg.max_position_embeddings,
     f"model.rope.max_position_embeddings={rope_max} differs from model.max_position_embeddings="
     f"{cfg.max_position_embeddings}; set them equal (dynamic NTK and LongRoPE read it)",
+  )
+  require(
+    cfg.remat in REMAT_POLICIES,
+    f"model.remat={cfg.remat!r} is unknown; use one of {REMAT_POLICIES}",
   )
   require(
     cfg.dtype in ("auto", "float32", "bfloat16", "float16"),

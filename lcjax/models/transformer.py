@@ -139,6 +139,26 @@ class DecoderBlock(nnx.Module):
     return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), cache
 
 
+def _run_layer(layer, x_BTD, rope, anchor, segment_ids_BT, q_index_BT):
+  return layer(
+    x_BTD,
+    rope,
+    anchor=anchor,
+    segment_ids_BT=segment_ids_BT,
+    q_index_BT=q_index_BT,
+    cache=None,
+    cache_index=0,
+  )[0]
+
+
+def _remat_layer(policy: str):
+  """The per-layer function under `model.remat` (activation checkpointing, Chen et al. 2016)."""
+  if policy == "none":
+    return _run_layer
+  save = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nnx.remat(_run_layer, policy=save, static_argnums=(3,))
+
+
 class LlamaLM(nnx.Module):
   """Decoder-only LM: embed → blocks → RMSNorm → logits.
 
@@ -151,6 +171,7 @@ class LlamaLM(nnx.Module):
     validate_model_config(cfg)
     self.dtype = resolve_dtype(cfg.dtype)
     self.anchor = cfg.anchor
+    self.remat = cfg.remat
     self.head_dim = head_dim(cfg)
     self.num_kv_heads = cfg.num_kv_heads
     # Hashable, so the graph definition can be a static jit argument (generate).
@@ -211,19 +232,23 @@ class LlamaLM(nnx.Module):
     positions_BT = q_index_BT if positions is None else positions
     rope = self.rope_tables(positions_BT)
     x_BTD = self.embed_tokens(tokens_BT)
-    new_caches = [] if caches is not None else None
-    for i, layer in enumerate(self.layers):
+    if caches is None:
+      run_layer = _remat_layer(self.remat)
+      for layer in self.layers:
+        x_BTD = run_layer(layer, x_BTD, rope, self.anchor, segment_ids, q_index_BT)
+      return self.norm(x_BTD), None
+    new_caches = []
+    for layer, cache in zip(self.layers, caches, strict=True):
       x_BTD, cache = layer(
         x_BTD,
         rope,
         anchor=self.anchor,
-        segment_ids_BT=segment_ids,
+        segment_ids_BT=None if segment_ids is None else segment_ids,
         q_index_BT=q_index_BT,
-        cache=None if caches is None else caches[i],
+        cache=cache,
         cache_index=cache_index,
       )
-      if new_caches is not None:
-        new_caches.append(cache)
+      new_caches.append(cache)
     return self.norm(x_BTD), new_caches
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
