@@ -1,0 +1,109 @@
+"""End-of-training evaluations: perplexity vs. length per RoPE variant, and passkey.
+
+Writes `WORKDIR/eval/ppl_vs_length.json`, `WORKDIR/eval/passkey.json`,
+`WORKDIR/plots/ppl_vs_length.png`, `WORKDIR/plots/passkey_depth_length.png`,
+`eval/...` lines in metrics.jsonl, and prints a table. RoPE variants
+(`eval.rope_variants`, e.g. YaRN applied without training) reuse the trained
+weights in a graph rebuilt with another `rope` dict: RoPE has no parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flax import nnx
+
+from lcjax.eval import (
+  passkey_accuracy,
+  perplexity_vs_length,
+  plot_passkey_heatmap,
+  plot_ppl_vs_length,
+  write_json,
+)
+from lcjax.models import build_model
+from lcjax.train.metrics import MetricsWriter, read_metrics
+
+__all__ = ["final_evaluations", "model_with_rope", "format_ppl_table"]
+
+
+def model_with_rope(params, model_cfg, rope: dict | None):
+  """The model with `params` and, if given, another `rope` dict (same parameters)."""
+  cfg = model_cfg.copy_and_resolve_references()
+  if rope is not None:
+    cfg.rope = dict(rope)
+    if "max_position_embeddings" in rope:
+      cfg.max_position_embeddings = rope["max_position_embeddings"]
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  return nnx.merge(graphdef, params)
+
+
+def format_ppl_table(results: dict[str, list[dict]], train_len: int) -> str:
+  """Rows: RoPE variants; columns: context length (× training length)."""
+  lengths = [r["context_len"] for r in next(iter(results.values()))]
+  head = f"{'rope':<16}" + "".join(f"{f'{L} ({L / train_len:g}x)':>16}" for L in lengths)
+  lines = [head, "-" * len(head)]
+  for name, rows in results.items():
+    lines.append(f"{name:<16}" + "".join(f"{r['ppl']:>16.3f}" for r in rows))
+  return "\n".join(lines)
+
+
+def final_evaluations(config, workdir, graphdef, params, model_cfg, step) -> dict[str, Any]:
+  """Runs the configured evaluations on `params`; returns what it wrote."""
+  from lcjax import data as lcdata
+
+  del graphdef
+  out: dict[str, Any] = {}
+  ev = config.eval
+  lines: dict[str, float] = {}
+  if ev.ppl_lengths:
+    docs = lcdata.make_eval_documents(config.data, split="validation", max_documents=None)
+    variants = {"trained": None, **{k: dict(v) for k, v in ev.rope_variants.items()}}
+    results = {}
+    for name, rope in variants.items():
+      model = model_with_rope(params, model_cfg, rope)
+      results[name] = perplexity_vs_length(
+        model,
+        docs,
+        list(ev.ppl_lengths),
+        stride_fraction=ev.ppl_stride_fraction,
+        max_documents=ev.ppl_max_documents,
+      )
+      for row in results[name]:
+        lines[f"eval/ppl@{row['context_len']}/{name}"] = row["ppl"]
+    write_json(os.path.join(workdir, "eval", "ppl_vs_length.json"), results)
+    plot_ppl_vs_length(
+      results, os.path.join(workdir, "plots", "ppl_vs_length.png"), train_len=config.data.seq_len
+    )
+    table = format_ppl_table(results, config.data.seq_len)
+    print(f"perplexity vs. context length (trained at {config.data.seq_len}):\n{table}")
+    out["ppl_vs_length"] = results
+  if ev.passkey.enabled:
+    tokenizer = lcdata.build_tokenizer(config.data.tokenizer)
+    model = model_with_rope(params, model_cfg, None)
+    result = passkey_accuracy(
+      model,
+      tokenizer,
+      lengths=list(ev.passkey.lengths),
+      depths=list(ev.passkey.depths),
+      trials=ev.passkey.trials,
+      seed=config.train.seed,
+    )
+    write_json(os.path.join(workdir, "eval", "passkey.json"), result)
+    plot_passkey_heatmap(
+      result["accuracy"],
+      result["lengths"],
+      result["depths"],
+      os.path.join(workdir, "plots", "passkey_depth_length.png"),
+    )
+    for i, length in enumerate(result["lengths"]):
+      lines[f"eval/passkey@{length}"] = sum(result["accuracy"][i]) / len(result["depths"])
+    out["passkey"] = result
+  if lines:
+    last = max(
+      (r.get("step", 0) for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))), default=step
+    )
+    writer = MetricsWriter(workdir, resume_step=max(last, step), tensorboard=False)
+    writer.write(step, lines)
+    writer.close()
+  return out

@@ -1,0 +1,240 @@
+"""`train(config, workdir)`: the whole training run, callable from scripts and notebooks.
+
+Order of work: validate the config (nothing traced yet) → write config.json →
+build the model (random or `init_from`) and optimizer → restore the newest
+complete checkpoint if there is one → loop (step, log, evaluate, checkpoint) →
+final checkpoint and evaluations. SIGTERM/SIGINT finish the current step, save
+and exit cleanly; a NaN/inf loss stops the run before anything is saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lcjax.config import require
+from lcjax.models import build_model
+from lcjax.train.checkpoint import Checkpointer
+from lcjax.train.config import model_config_for_run, validate_config
+from lcjax.train.flops import flops_per_token, peak_flops
+from lcjax.train.metrics import MetricsWriter
+from lcjax.train.optim import make_optimizer
+from lcjax.train.progress import Progress
+from lcjax.train.step import BATCH_KEYS, init_state, make_eval_step, make_train_step
+
+__all__ = ["train", "build_run_model", "TrainingDiverged"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or inf; the last good checkpoint is left as it was."""
+
+
+def build_run_model(config, *, seed: int | None = None):
+  """(model, model_config) for a run: from `init_from` or random with `train.seed`."""
+  if config.init_from is None:
+    cfg = model_config_for_run(config)
+    return build_model(cfg, rngs=nnx.Rngs(config.train.seed if seed is None else seed)), cfg
+  from lcjax.interop.hf import load_pretrained
+
+  loaded, hf_cfg = load_pretrained(config.init_from)
+  cfg = model_config_for_run(config, hf_cfg)
+  # Same weights in a graph rebuilt with the run's fields (attention impl, rope overrides).
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(loaded, nnx.Param)), cfg
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. some notebook runners)
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _write_config(config, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def _data_mesh():
+  devices = np.array(jax.devices())
+  return jax.sharding.Mesh(devices, ("data",))
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+  validate_config(config)
+  from lcjax import data as lcdata
+
+  mesh = _data_mesh()
+  n_data = mesh.shape["data"]
+  require(
+    config.mesh.data in (-1, n_data),
+    f"mesh.data={config.mesh.data} but {n_data} devices are visible; use -1 (all devices)",
+  )
+  micro = config.train.batch_size // config.train.grad_accum
+  require(
+    micro % n_data == 0,
+    f"train.batch_size / train.grad_accum = {micro} rows is not divisible by the {n_data} "
+    "devices of mesh.data; change train.batch_size",
+  )
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(config, workdir)
+
+  model, model_cfg = build_run_model(config)
+  graphdef, _ = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  tx, schedule = make_optimizer(config.train, params)
+  state = init_state(model, tx, config.train.seed)
+  del model
+
+  checkpointer = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    keep=config.checkpoint.keep,
+    async_save=config.checkpoint.async_save,
+  )
+  data_iter = lcdata.make_train_iterator(
+    config.data,
+    batch_size=config.train.batch_size // jax.process_count(),  # per-process rows
+    seed=config.train.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  restored = checkpointer.restore_latest(jax.tree.map(_abstract, state))
+  start_step = 0
+  if restored is not None:
+    start_step, state, data_state = restored
+    data_iter.set_state(data_state)
+    print(f"resumed from {checkpointer.directory}/{start_step}")
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  state = jax.device_put(state, replicated)
+  document_mask = config.data.get("document_mask", True)
+  train_step = make_train_step(
+    graphdef,
+    tx,
+    schedule,
+    grad_accum=config.train.grad_accum,
+    loss_chunk=config.train.loss_chunk,
+    document_mask=document_mask,
+  )
+  seq_len = config.data.seq_len
+  fpt = flops_per_token(model_cfg, n_params, seq_len)
+  peak = peak_flops(config.train.peak_flops)
+  writer = MetricsWriter(workdir, resume_step=start_step)
+  progress = Progress(config.train.steps, start_step, every=config.train.log_every)
+  print(
+    f"model: {model_cfg.family}, {n_params:,} params; data: {config.data.source.get('kind')}, "
+    f"seq_len {seq_len}, batch {config.train.batch_size}; steps {start_step}->{config.train.steps}"
+  )
+
+  last: dict[str, Any] = {}
+  step = start_step
+  with _StopFlag() as stop:
+    t_last, tokens_since = time.time(), 0
+    while step < config.train.steps:
+      batch = next(data_iter)
+      batch = {k: jax.device_put(np.asarray(batch[k]), batch_sharding) for k in BATCH_KEYS}
+      state, metrics = train_step(state, batch)
+      step += 1
+      tokens_since += int(np.prod(batch["tokens"].shape))
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        writer.write(step, {"loss": loss})
+        writer.close()
+        checkpointer.close()
+        raise TrainingDiverged(
+          f"loss is {loss} at step {step}; the last good checkpoint is kept in "
+          f"{checkpointer.directory} — lower train.lr, raise train.warmup_steps, or check the data"
+        )
+      if step % config.train.log_every == 0 or step == config.train.steps:
+        elapsed = max(time.time() - t_last, 1e-9)
+        tps = tokens_since / elapsed
+        last = {k: float(v) for k, v in metrics.items()}
+        last.update(tokens_per_sec=tps, mfu=fpt * tps / peak)
+        last.update({f"data/{k}": v for k, v in _flat_stats(data_iter.stats()).items()})
+        writer.write(step, last)
+        progress.update(step, loss, tps)
+        t_last, tokens_since = time.time(), 0
+      if config.eval.every_steps and step % config.eval.every_steps == 0:
+        writer.write(step, _validation_loss(config, graphdef, state["params"]))
+      save_now = step % config.checkpoint.every_steps == 0 or step == config.train.steps
+      if save_now or stop.signal:
+        checkpointer.save(step, state, data_iter.get_state())
+      if stop.signal:
+        progress.message(f"{stop.signal}: saved step {step}; rerun the same command to resume")
+        break
+  checkpointer.close()
+  writer.close()
+  if step >= config.train.steps:
+    from lcjax.train.evaluate import final_evaluations
+
+    final_evaluations(config, workdir, graphdef, state["params"], model_cfg, step)
+  return last
+
+
+def _flat_stats(stats: dict, prefix: str = "") -> dict[str, float]:
+  """{'documents': 3, 'sources': {'long': {...}}} -> {'documents': 3, 'sources/long/...': ...}."""
+  flat = {}
+  for key, value in stats.items():
+    if isinstance(value, dict):
+      flat.update(_flat_stats(value, f"{prefix}{key}/"))
+    elif isinstance(value, int | float):
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _abstract(x):
+  return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _validation_loss(config, graphdef, params) -> dict[str, float]:
+  """Mean loss over `eval.batches` packed batches of the validation split."""
+  from lcjax import data as lcdata
+
+  eval_step = make_eval_step(graphdef, loss_chunk=config.train.loss_chunk)
+  data = config.data.copy_and_resolve_references()
+  data.split = "validation"
+  it = lcdata.make_train_iterator(
+    data, batch_size=config.train.batch_size // config.train.grad_accum, seed=0
+  )
+  nll = weight = 0.0
+  for _ in range(config.eval.batches):
+    batch = next(it)
+    n, w = eval_step(params, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS})
+    nll, weight = nll + float(n), weight + float(w)
+  loss = nll / max(weight, 1.0)
+  return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}

@@ -1,0 +1,69 @@
+"""Run outputs: `metrics.jsonl` (one JSON object a line) and TensorBoard events.
+
+On resume, lines for steps after the restored checkpoint are dropped first, so a
+run killed after its last checkpoint and rerun logs every step exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+__all__ = ["MetricsWriter", "read_metrics"]
+
+
+def _jsonable(value: Any) -> Any:
+  if hasattr(value, "item"):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/inf; keep them readable
+  return value
+
+
+def read_metrics(path: str) -> list[dict]:
+  """All complete lines of a metrics.jsonl (a torn last line from a kill is skipped)."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
+class MetricsWriter:
+  """Appends metrics lines and TensorBoard scalars under `workdir`."""
+
+  def __init__(self, workdir: str, *, resume_step: int, tensorboard: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      for row in kept:
+        f.write(json.dumps(row) + "\n")
+    os.replace(tmp, self.path)
+    self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in row.items():
+        if key != "step" and isinstance(value, int | float):
+          self._tb.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
