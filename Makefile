@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 quickstart: install
-	$(PY) scripts/quickstart.py
+	$(PY) scripts/train.py --config configs/quickstart.py --workdir runs/quickstart
 
 test: install
 	$(PY) -m pytest -q

@@ -107,3 +107,26 @@ def final_evaluations(config, workdir, graphdef, params, model_cfg, step) -> dic
     writer.write(step, lines)
     writer.close()
   return out
+
+
+def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
+  """Restores the newest checkpoint in `workdir` and runs `final_evaluations` on it."""
+  import jax
+
+  from lcjax.train.checkpoint import Checkpointer
+  from lcjax.train.loop import build_run_model
+  from lcjax.train.optim import make_optimizer
+  from lcjax.train.step import init_state
+
+  model, model_cfg = build_run_model(config)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  tx, _ = make_optimizer(config.train, params)
+  abstract = jax.eval_shape(lambda: init_state(model, tx, config.train.seed))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+  restored = checkpointer.restore_latest(abstract)
+  checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints has no complete checkpoint to evaluate")
+  step, state, _ = restored
+  print(f"evaluating {workdir}/checkpoints/{step}")
+  return final_evaluations(config, workdir, None, state["params"], model_cfg, step)

@@ -1,0 +1,225 @@
+"""Benchmarks; every figure is a ratio measured in this one process.
+
+  python scripts/bench.py train       # training-step tokens/s, CPU-MFU, ratio to transformers+torch
+  python scripts/bench.py attention   # blockwise vs reference attention: compiled memory and time
+  python scripts/bench.py             # all of the above
+
+Times are medians over repeated steps after compilation. MFU uses the PaLM
+FLOPs-per-token count (lcjax.train.flops) against a dense float32 matmul peak
+measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def _median_time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def _train_models():
+  from lcjax.models import llama_config
+
+  rope = lambda T: dict(rope_type="default", rope_theta=1e4, max_position_embeddings=T)  # noqa: E731
+  quick = llama_config(
+    vocab_size=384,
+    d_model=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=352,
+    max_position_embeddings=256,
+    rope=rope(256),
+    dtype="float32",
+    attention_block_q=128,
+    attention_block_kv=128,
+  )
+  wide = llama_config(
+    vocab_size=384,
+    d_model=512,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=8,
+    mlp_dim=1376,
+    max_position_embeddings=1024,
+    rope=rope(1024),
+    dtype="float32",
+    attention_block_q=256,
+    attention_block_kv=256,
+  )
+  return {
+    "quickstart (d128 L4 T256 B8)": (quick, 8, 256),
+    "wide (d512 L4 T1024 B4)": (wide, 4, 1024),
+  }
+
+
+def _lcjax_step_time(cfg, batch, T, repeats):
+  import ml_collections
+
+  from lcjax.models import build_model
+  from lcjax.train.optim import make_optimizer
+  from lcjax.train.step import init_state, make_train_step
+
+  model = build_model(cfg, rngs=nnx.Rngs(0))
+  graphdef, _ = nnx.split(model, nnx.Param)
+  tc = ml_collections.ConfigDict(
+    dict(
+      steps=1000,
+      lr=1e-4,
+      warmup_steps=0,
+      schedule="constant",
+      min_lr_ratio=1.0,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip_norm=1.0,
+      freeze=(),
+      trainable=(),
+    )
+  )
+  tx, schedule = make_optimizer(tc, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  step = make_train_step(graphdef, tx, schedule, grad_accum=1, loss_chunk=T, document_mask=False)
+  state = init_state(model, tx, 0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, size=(batch, T + 1))
+  b = dict(
+    tokens=jnp.asarray(tokens[:, :-1], jnp.int32),
+    targets=jnp.asarray(tokens[:, 1:], jnp.int32),
+    segment_ids=jnp.ones((batch, T), jnp.int32),
+    positions=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (batch, T)),
+    loss_weights=jnp.ones((batch, T), jnp.float32),
+  )
+  holder = {"state": state}
+
+  def run():
+    holder["state"], m = step(holder["state"], b)
+    jax.block_until_ready(m["loss"])
+
+  run()
+  run()
+  n_params = sum(x.size for x in jax.tree.leaves(holder["state"]["params"]))
+  return _median_time(run, repeats), n_params
+
+
+def _torch_step_time(cfg, batch, T, repeats):
+  import torch
+  import transformers
+
+  from lcjax.interop.hf import config_to_hf
+
+  hf = config_to_hf(cfg)
+  config = transformers.AutoConfig.for_model(
+    **{k: v for k, v in hf.items() if k != "architectures"}
+  )
+  config._attn_implementation = "sdpa"
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+  tokens = torch.as_tensor(
+    np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, T + 1))
+  )
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    out = model(tokens[:, :-1], labels=None)
+    loss = torch.nn.functional.cross_entropy(
+      out.logits.reshape(-1, cfg.vocab_size), tokens[:, 1:].reshape(-1)
+    )
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+  run()
+  run()
+  return _median_time(run, repeats), torch.get_num_threads()
+
+
+def bench_train(repeats: int) -> None:
+  from lcjax.train.flops import flops_per_token, measure_matmul_peak
+
+  peak = max(measure_matmul_peak(2048, repeats=5), measure_matmul_peak(1024, repeats=5))
+  print(f"dense float32 matmul peak on this machine (jax, same process): {peak / 1e9:.1f} GFLOP/s")
+  print(
+    f"{'model':<30}{'params':>10}{'lcjax tok/s':>14}{'CPU-MFU':>10}{'torch tok/s':>14}"
+    f"{'lcjax/torch':>13}"
+  )
+  for name, (cfg, batch, T) in _train_models().items():
+    t_jax, n_params = _lcjax_step_time(cfg, batch, T, repeats)
+    t_torch, threads = _torch_step_time(cfg, batch, T, repeats)
+    tps_jax, tps_torch = batch * T / t_jax, batch * T / t_torch
+    mfu = flops_per_token(cfg, n_params, T) * tps_jax / peak
+    print(
+      f"{name:<30}{n_params:>10,}{tps_jax:>14,.0f}{mfu:>10.1%}{tps_torch:>14,.0f}"
+      f"{tps_jax / tps_torch:>12.2f}x"
+    )
+  print(
+    f"(torch {threads} threads, fp32, sdpa attention, AdamW; lcjax fp32, blockwise attention, "
+    f"AdamW; medians of {repeats} steps)"
+  )
+
+
+def bench_attention(repeats: int) -> None:
+  from lcjax.attention import MaskSpec, dot_product_attention
+
+  mask = MaskSpec(causal=True)
+  print(
+    f"{'T':>7}{'ref temp MiB':>14}{'blockwise MiB':>15}{'ratio':>8}{'ref ms':>9}"
+    f"{'blockwise ms':>14}{'speedup':>9}   (fwd+bwd, B=1 H=4 D=64 fp32, block 512)"
+  )
+  for T in (1024, 2048, 4096, 16384):
+    shape = (1, T, 4, 64)
+    q = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+
+    def loss(q, k, v, impl):
+      return jnp.sum(dot_product_attention(q, k, v, mask=mask, impl=impl) ** 2)
+
+    mem, ms = {}, {}
+    for impl in ("reference", "blockwise"):
+      f = jax.jit(jax.grad(lambda q, k, v, impl=impl: loss(q, k, v, impl), argnums=(0, 1, 2)))
+      compiled = f.lower(q, q, q).compile()
+      mem[impl] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+      if T <= 4096:
+        compiled(q, q, q)
+        ms[impl] = 1e3 * _median_time(
+          lambda c=compiled, q=q: jax.block_until_ready(c(q, q, q)), repeats
+        )
+    ratio = mem["blockwise"] / mem["reference"]
+    timing = (
+      f"{ms['reference']:>9.1f}{ms['blockwise']:>14.1f}{ms['reference'] / ms['blockwise']:>8.2f}x"
+      if ms
+      else f"{'(compile only)':>32}"
+    )
+    print(f"{T:>7}{mem['reference']:>14.1f}{mem['blockwise']:>15.1f}{ratio:>8.4f}{timing}")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+  )
+  parser.add_argument("what", nargs="?", default="all", choices=("all", "train", "attention"))
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args(argv)
+  print(f"jax {jax.__version__} on {jax.default_backend()}: {jax.devices()[0].device_kind}")
+  if args.what in ("all", "train"):
+    bench_train(args.repeats)
+  if args.what in ("all", "attention"):
+    bench_attention(args.repeats)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

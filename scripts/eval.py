@@ -1,0 +1,36 @@
+"""Evaluates the newest checkpoint of a run (perplexity vs. length, passkey, plots).
+
+  python scripts/eval.py --config configs/quickstart.py --workdir runs/quickstart \
+      --config.eval.ppl_lengths='(256,512,1024,2048)'
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:args]")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder with checkpoints/")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> int:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from lcjax.config import ConfigError
+  from lcjax.train.config import validate_config
+  from lcjax.train.evaluate import evaluate_workdir
+
+  try:
+    validate_config(_CONFIG.value)
+    evaluate_workdir(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,226 @@
+"""End-to-end training: exact resume after SIGKILL, SIGTERM, bad input, divergence."""
+
+import glob
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lcjax.config import ConfigError
+from lcjax.train import TrainingDiverged, train
+from lcjax.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "scripts", "train.py")
+
+
+def _quickstart(arg="tiny"):
+  spec = importlib.util.spec_from_file_location(
+    "qs", os.path.join(ROOT, "configs", "quickstart.py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+# Command-line overrides shared by the subprocess tests: a very small, fast run.
+TINY_FLAGS = [
+  "--config.data.seq_len=64",
+  "--config.model.max_position_embeddings=64",
+  "--config.model.rope.max_position_embeddings=64",
+  "--config.model.d_model=32",
+  "--config.model.mlp_dim=64",
+  "--config.train.batch_size=4",
+  "--config.train.log_every=1",
+  "--config.eval.ppl_lengths=()",
+  "--config.eval.every_steps=0",
+]
+
+
+def _run(workdir, *flags, env=None, wait=True):
+  cmd = [
+    sys.executable,
+    TRAIN,
+    f"--config={ROOT}/configs/quickstart.py:tiny",
+    f"--workdir={workdir}",
+  ]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env or {})}
+  proc = subprocess.Popen(
+    [*cmd, *TINY_FLAGS, *flags],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=300)
+  return proc.returncode, out
+
+
+def _losses(workdir):
+  return {
+    r["step"]: r["loss"]
+    for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    if "loss" in r
+  }
+
+
+def _wait_for(path, proc, timeout=120):
+  t = time.time()
+  while not os.path.exists(path):
+    assert proc.poll() is None, "training ended before the checkpoint appeared"
+    assert time.time() - t < timeout
+    time.sleep(0.02)
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+  """k steps, SIGKILL, rerun == N steps straight, for every step after the resume."""
+  flags = ["--config.train.steps=120", "--config.checkpoint.every_steps=8"]
+  code, out = _run(tmp_path / "straight", *flags)
+  assert code == 0, out
+  straight = _losses(tmp_path / "straight")
+  assert sorted(straight) == list(range(1, 121))
+
+  proc = _run(tmp_path / "killed", *flags, wait=False)
+  _wait_for(tmp_path / "killed" / "checkpoints" / "16", proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = max(_losses(tmp_path / "killed"))
+  assert killed_at < 120, "the kill came too late to test anything"
+
+  code, out = _run(tmp_path / "killed", *flags)
+  assert code == 0, out
+  assert "resumed from" in out
+  resumed = _losses(tmp_path / "killed")
+  assert sorted(resumed) == list(range(1, 121))  # each step logged exactly once
+  assert resumed == straight  # bit-identical losses, before and after the resume
+
+
+def test_sigterm_saves_then_exits_cleanly(tmp_path):
+  proc = _run(
+    tmp_path, "--config.train.steps=100000", "--config.checkpoint.every_steps=5", wait=False
+  )
+  _wait_for(tmp_path / "checkpoints" / "5", proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert "SIGTERM: saved step" in out
+  saved = int(out.split("SIGTERM: saved step ")[1].split(";")[0])
+  assert os.path.isdir(tmp_path / "checkpoints" / str(saved))
+  assert max(_losses(tmp_path)) == saved
+
+
+def test_unknown_config_field_is_rejected(tmp_path):
+  code, out = _run(tmp_path, "--config.train.stepz=3")
+  assert code != 0 and "stepz" in out
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def _tiny_inprocess(tmp_path, **train):
+  c = _quickstart()
+  c.data.seq_len = 32
+  c.model.update(max_position_embeddings=32, d_model=32, mlp_dim=64)
+  c.model.rope.max_position_embeddings = 32
+  c.train.update(batch_size=8, log_every=1, **train)  # 8 fake devices: 8 rows
+  c.eval.update(every_steps=0, ppl_lengths=())
+  return c
+
+
+def test_mesh_batch_mismatch_is_one_clear_error(tmp_path):
+  c = _tiny_inprocess(tmp_path, steps=2)
+  c.train.batch_size = 4
+  with pytest.raises(ConfigError, match=r"not divisible by the 8 devices.*train\.batch_size"):
+    train(c, str(tmp_path))
+
+
+def test_missing_data_path_and_empty_corpus(tmp_path):
+  c = _tiny_inprocess(tmp_path, steps=2)
+  c.data.source = dict(kind="text", path=str(tmp_path / "nope" / "*.txt"))
+  with pytest.raises(FileNotFoundError, match="nope"):
+    train(c, str(tmp_path / "run"))
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "a.txt").write_bytes(b"")
+  c.data.source = dict(kind="text", path=str(tmp_path / "empty"), validation_fraction=0.0)
+  with pytest.raises(ValueError, match="empty"):
+    train(c, str(tmp_path / "run"))
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+  c = _tiny_inprocess(tmp_path, steps=8)
+  c.checkpoint.update(every_steps=4, keep=3, async_save=False)
+  train(c, str(tmp_path))
+  first = _losses(tmp_path)
+  for path in glob.glob(str(tmp_path / "checkpoints" / "8" / "state" / "**" / "*"), recursive=True):
+    if os.path.isfile(path):
+      with open(path, "wb") as f:
+        f.write(b"garbage")
+  train(c, str(tmp_path))  # the same command again
+  assert "does not restore" in caplog.text
+  assert glob.glob(str(tmp_path / "checkpoints" / "corrupt-8-*"))  # kept aside, not deleted
+  again = _losses(tmp_path)
+  assert again == first  # steps 5..8 recomputed from checkpoint 4, identically
+  assert sorted(os.listdir(tmp_path / "checkpoints"))[:2] == ["4", "8"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = _tiny_inprocess(
+    tmp_path, steps=20, lr=1e30, warmup_steps=0, schedule="constant", grad_clip_norm=0.0
+  )
+  c.checkpoint.update(every_steps=1, async_save=False)
+  with pytest.raises(TrainingDiverged, match=r"at step \d+; the last good checkpoint"):
+    train(c, str(tmp_path))
+  losses = _losses(tmp_path)
+  bad = max(losses)
+  assert not np.isfinite(float(losses[bad]))
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps and max(steps) == bad - 1  # nothing saved at or after the bad step
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["train"]["lr"] == 1e30
+
+
+def test_init_from_hugging_face_folder_continues_training(tmp_path):
+  """init_from loads the HF weights (first loss equals theirs) and applies model_overrides."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from lcjax import data as lcdata
+  from lcjax.interop.hf import load_pretrained, save_pretrained
+  from lcjax.models import build_model, llama_config
+  from lcjax.train.loss import cross_entropy_reference
+
+  src = llama_config(
+    d_model=32,
+    mlp_dim=64,
+    max_position_embeddings=32,
+    dtype="float32",
+    rope=dict(rope_type="default", rope_theta=1e4, max_position_embeddings=32),
+    initializer_range=0.2,
+  )
+  save_pretrained(build_model(src, rngs=nnx.Rngs(7)), src, str(tmp_path / "hf"))
+
+  c = _tiny_inprocess(tmp_path, steps=1)
+  c.init_from = str(tmp_path / "hf")
+  c.model_overrides = dict(rope=dict(rope_type="abf", rope_theta=5e5, max_position_embeddings=32))
+  train(c, str(tmp_path / "run"))
+  first_loss = _losses(tmp_path / "run")[1]
+
+  model, cfg = load_pretrained(str(tmp_path / "hf"))
+  cfg.rope = dict(rope_type="abf", rope_theta=5e5, max_position_embeddings=32)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  model = nnx.merge(graphdef, nnx.state(model, nnx.Param))
+  batch = next(lcdata.make_train_iterator(c.data, batch_size=8, seed=c.train.seed))
+  logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+  nll, weight = cross_entropy_reference(
+    logits, jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_weights"])
+  )
+  np.testing.assert_allclose(first_loss, float(nll / weight), rtol=1e-5)
+  with open(tmp_path / "run" / "config.json") as f:
+    assert json.load(f)["model_overrides"]["rope"]["rope_type"] == "abf"
