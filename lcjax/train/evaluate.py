@@ -24,7 +24,13 @@ from lcjax.eval import (
 from lcjax.models import build_model
 from lcjax.train.metrics import MetricsWriter, read_metrics
 
-__all__ = ["final_evaluations", "model_with_rope", "format_ppl_table"]
+__all__ = [
+  "final_evaluations",
+  "model_with_rope",
+  "format_ppl_table",
+  "load_trained",
+  "evaluate_workdir",
+]
 
 
 def model_with_rope(params, model_cfg, rope: dict | None):
@@ -109,8 +115,8 @@ def final_evaluations(config, workdir, graphdef, params, model_cfg, step) -> dic
   return out
 
 
-def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
-  """Restores the newest checkpoint in `workdir` and runs `final_evaluations` on it."""
+def load_trained(config, workdir: str):
+  """(params, model_config, step) of the newest complete checkpoint in `workdir`."""
   import jax
 
   from lcjax.train.checkpoint import Checkpointer
@@ -128,5 +134,11 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
   if restored is None:
     raise FileNotFoundError(f"{workdir}/checkpoints has no complete checkpoint to evaluate")
   step, state, _ = restored
+  return state["params"], model_cfg, step
+
+
+def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
+  """Restores the newest checkpoint in `workdir` and runs `final_evaluations` on it."""
+  params, model_cfg, step = load_trained(config, workdir)
   print(f"evaluating {workdir}/checkpoints/{step}")
-  return final_evaluations(config, workdir, None, state["params"], model_cfg, step)
+  return final_evaluations(config, workdir, None, params, model_cfg, step)
