@@ -224,3 +224,32 @@ def test_init_from_hugging_face_folder_continues_training(tmp_path):
   np.testing.assert_allclose(first_loss, float(nll / weight), rtol=1e-5)
   with open(tmp_path / "run" / "config.json") as f:
     assert json.load(f)["model_overrides"]["rope"]["rope_type"] == "abf"
+
+
+def test_mixture_decomposition_and_passkey_through_the_trainer(tmp_path):
+  """The data recipes and the end-of-run evaluations work through train() unchanged."""
+  text = tmp_path / "short"
+  text.mkdir()
+  for i in range(20):
+    (text / f"{i}.txt").write_text(f"short document number {i}. " * (i + 2))
+  c = _tiny_inprocess(tmp_path, steps=3)
+  c.data.mixture = [
+    dict(source=dict(kind="stdlib"), weight=0.7, name="long"),
+    dict(
+      source=dict(kind="text", path=str(text), validation_fraction=0.0), weight=0.3, name="short"
+    ),
+  ]
+  c.eval.passkey = dict(enabled=True, lengths=(300,), depths=(0.0, 1.0), trials=2)
+  c.eval.ppl_lengths = (32, 64)
+  c.eval.ppl_max_documents = 2
+  metrics = train(c, str(tmp_path / "mix"))
+  assert "data/sources/short/documents" in metrics
+  for path in ("eval/passkey.json", "plots/passkey_depth_length.png", "plots/ppl_vs_length.png"):
+    assert os.path.getsize(tmp_path / "mix" / path) > 0
+  rows = read_metrics(str(tmp_path / "mix" / "metrics.jsonl"))
+  assert any("eval/passkey@300" in r for r in rows) and any("eval/ppl@64/trained" in r for r in rows)
+
+  c = _tiny_inprocess(tmp_path, steps=4)
+  c.data.decomposition = dict(min_log2=3, max_log2=5, tokens_per_batch=256, curriculum="grow")
+  train(c, str(tmp_path / "dd"))
+  assert sorted(_losses(tmp_path / "dd")) == [1, 2, 3, 4]
