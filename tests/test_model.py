@@ -134,3 +134,31 @@ def test_remat_policies_give_identical_gradients():
     )
   with pytest.raises(ValueError, match="model.remat"):
     _model(remat="sometimes")
+
+
+def test_permuted_rows_with_token_index_give_permuted_logits():
+  """A context-parallel layout reorders tokens; token_index keeps masks in global order."""
+  model, _ = _model(
+    attention_block_q=4,
+    attention_block_kv=4,
+    sliding_window=6,
+    layer_types=("full_attention", "sliding_attention"),
+  )
+  rng = np.random.default_rng(3)
+  T = 16
+  tokens = rng.integers(0, 384, size=(2, T))
+  segment_ids = np.array([[1] * 7 + [2] * 9, [1] * 12 + [2] * 4])
+  positions = np.concatenate([np.arange(7), np.arange(9)])[None].repeat(2, 0)
+  want = model(tokens, positions=positions, segment_ids=segment_ids)
+  # zigzag over 4 devices: chunks (0, 7), (1, 6), (2, 5), (3, 4) of length 2
+  chunks = np.arange(T).reshape(8, 2)
+  perm = np.concatenate([chunks[[r, 7 - r]].ravel() for r in range(4)])
+  got = model(
+    tokens[:, perm],
+    positions=positions[:, perm],
+    segment_ids=segment_ids[:, perm],
+    token_index=np.broadcast_to(perm, (2, T)),
+  )
+  np.testing.assert_allclose(got, want[:, perm], atol=1e-5)
+  wrong = model(tokens[:, perm], positions=positions[:, perm], segment_ids=segment_ids[:, perm])
+  assert np.max(np.abs(wrong - want[:, perm])) > 1e-3  # without token_index, masks break

@@ -223,12 +223,26 @@ class LlamaLM(nnx.Module):
     *,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    token_index: jax.Array | None = None,
     caches: list[KVCache] | None = None,
     cache_index: jax.Array | int = 0,
   ) -> tuple[jax.Array, list[KVCache] | None]:
-    """Final normed hidden states [B,T,D] (and updated caches when decoding)."""
+    """Final normed hidden states [B,T,D] (and updated caches when decoding).
+
+    `token_index` [B,T] is each token's index in the packed row, which masks are
+    evaluated on (default arange(T)). Context-parallel layouts (zigzag, striped)
+    permute the tokens once at the input boundary and pass the permutation here, so
+    causal and document masks still see global order.
+    """
     B, T = tokens_BT.shape
-    q_index_BT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
+    if token_index is not None:
+      if caches is not None:
+        raise ValueError(
+          "token_index reorders a packed row; decoding with a cache does not take it"
+        )
+      q_index_BT = jnp.broadcast_to(jnp.asarray(token_index, jnp.int32), (B, T))
+    else:
+      q_index_BT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
     positions_BT = q_index_BT if positions is None else positions
     rope = self.rope_tables(positions_BT)
     x_BTD = self.embed_tokens(tokens_BT)
@@ -257,8 +271,10 @@ class LlamaLM(nnx.Module):
       return self.embed_tokens.attend(h_BTD).astype(jnp.float32)
     return self.lm_head(h_BTD).astype(jnp.float32)
 
-  def __call__(self, tokens_BT, *, positions=None, segment_ids=None) -> jax.Array:
-    h_BTD, _ = self.hidden_states(tokens_BT, positions=positions, segment_ids=segment_ids)
+  def __call__(self, tokens_BT, *, positions=None, segment_ids=None, token_index=None) -> jax.Array:
+    h_BTD, _ = self.hidden_states(
+      tokens_BT, positions=positions, segment_ids=segment_ids, token_index=token_index
+    )
     return self.logits(h_BTD)
 
   def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
