@@ -48,6 +48,8 @@ __all__ = [
   "blockwise_attention",
   "blockwise_attention_with_lse",
   "blockwise_attention_stats",
+  "blockwise_fwd",
+  "blockwise_bwd",
   "block_kinds",
   "visited_block_pairs",
 ]
@@ -175,8 +177,12 @@ def _forward(
   return lax.fori_loop(0, nQ, q_step, init)
 
 
-def _backward(st, res, cotangents):
-  """FlashAttention-2 Alg. 2: (dq, dk, dv) recomputing P from the saved lse, block by block."""
+def _backward(st, res, cotangents, keep_fp32=False):
+  """FlashAttention-2 Alg. 2: (dq, dk, dv) recomputing P from the saved lse, block by block.
+
+  The gradients come back in the input dtypes, or in float32 with `keep_fp32` (for
+  callers that accumulate them over several calls, as ring attention does).
+  """
   q_BKTGD, k_BKSD, v_BKSD, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, valid_BS, kinds_QK = res[:9]
   out_BKTGD, lse_BKTG = res[9:]
   dout_BKTGD, dlse_BKTG = cotangents
@@ -254,6 +260,8 @@ def _backward(st, res, cotangents):
     jnp.zeros(v_BKSD.shape, jnp.float32),
   )
   dq_BKTGD, dk_BKSD, dv_BKSD = lax.fori_loop(0, nK, kv_step, init)
+  if keep_fp32:
+    return dq_BKTGD, dk_BKSD, dv_BKSD
   return dq_BKTGD.astype(q_BKTGD.dtype), dk_BKSD.astype(k_BKSD.dtype), dv_BKSD.astype(v_BKSD.dtype)
 
 
@@ -407,3 +415,117 @@ def blockwise_attention_stats(
   )
   _, _, visits = _forward(st, *args)
   return {"visited": visits, "total": jnp.int32(args[-1].size)}
+
+
+# The forward and backward passes as separate functions, for callers that merge partial
+# results themselves and need the backward against the merged output and lse: ring
+# attention (Liu et al. 2023) runs `blockwise_fwd` per ring step, merges by lse, and in
+# its backward runs `blockwise_bwd` per step with the global out and lse.
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def blockwise_fwd(
+  q_BTHD: jax.Array,
+  k_BSKD: jax.Array,
+  v_BSKD: jax.Array,
+  *,
+  mask: MaskSpec,
+  q_segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  scale: float | None = None,
+  block_q: int = 512,
+  block_kv: int = 512,
+) -> tuple[jax.Array, jax.Array]:
+  """FlashAttention-2 Alg. 1 alone: (out_BTHD float32, lse_BHT float32); not differentiable.
+
+  Rows with no visible key give out 0 and lse -inf. The output stays float32 so that
+  partial results can be merged by their lse without rounding. Arguments are those of
+  `blockwise_attention_with_lse`; differentiate through `blockwise_bwd`.
+  """
+  B, T, Hq, D = q_BTHD.shape
+  st, args = _prepare(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    mask,
+    q_segment_ids,
+    kv_segment_ids,
+    q_positions,
+    kv_positions,
+    scale,
+    block_q,
+    block_kv,
+  )
+  out_BKTGD, lse_BKTG, _ = _forward(st, *args)
+  out_BTHD = out_BKTGD[:, :, :T].transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
+  lse_BHT = lse_BKTG[:, :, :T].transpose(0, 1, 3, 2).reshape(B, Hq, T)
+  return out_BTHD, lse_BHT
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def blockwise_bwd(
+  q_BTHD: jax.Array,
+  k_BSKD: jax.Array,
+  v_BSKD: jax.Array,
+  out_BTHD: jax.Array,
+  lse_BHT: jax.Array,
+  dout_BTHD: jax.Array,
+  *,
+  mask: MaskSpec,
+  q_segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  scale: float | None = None,
+  block_q: int = 512,
+  block_kv: int = 512,
+  dlse_BHT: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """FlashAttention-2 Alg. 2 alone: float32 (dq_BTHD, dk_BSKD, dv_BSKD) of these keys.
+
+  `out_BTHD` and `lse_BHT` are the attention output and log-sum-exp of each query row,
+  which may cover more keys than k and v (ring attention passes the merged, global
+  ones): P = exp(S - lse) is then each key's share of the full softmax, so the returned
+  dq is this key set's part of the full dq, and dk, dv are exact for these keys.
+  `dlse_BHT` is the lse cotangent (default 0). Other arguments are those of
+  `blockwise_attention_with_lse`.
+  """
+  B, T, Hq, D = q_BTHD.shape
+  S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
+  st, args = _prepare(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    mask,
+    q_segment_ids,
+    kv_segment_ids,
+    q_positions,
+    kv_positions,
+    scale,
+    block_q,
+    block_kv,
+  )
+  Tp = args[0].shape[2]
+  G = Hq // Hkv
+
+  def rows_to_kernel(x_BTHD):
+    x_BTHD = jnp.pad(x_BTHD.astype(jnp.float32), ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    return x_BTHD.reshape(B, Tp, Hkv, G, D).transpose(0, 2, 1, 3, 4)
+
+  def lse_to_kernel(x_BHT, pad_value):
+    x_BHT = jnp.pad(
+      x_BHT.astype(jnp.float32), ((0, 0), (0, 0), (0, Tp - T)), constant_values=pad_value
+    )
+    return x_BHT.reshape(B, Hkv, G, Tp).transpose(0, 1, 3, 2)
+
+  dlse_BHT = jnp.zeros((B, Hq, T), jnp.float32) if dlse_BHT is None else dlse_BHT
+  # Padded query rows get lse -inf (P = 0) and a zero cotangent: they add nothing.
+  res = args + (rows_to_kernel(out_BTHD), lse_to_kernel(lse_BHT, -jnp.inf))
+  cotangents = (rows_to_kernel(dout_BTHD), lse_to_kernel(dlse_BHT, 0.0))
+  dq_BKTGD, dk_BKSD, dv_BKSD = _backward(st, res, cotangents, keep_fp32=True)
+  dq_BTHD = dq_BKTGD[:, :, :T].transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
+  dk_BSKD = dk_BKSD[:, :, :S].transpose(0, 2, 1, 3)
+  dv_BSKD = dv_BKSD[:, :, :S].transpose(0, 2, 1, 3)
+  return dq_BTHD, dk_BSKD, dv_BSKD

@@ -1,0 +1,559 @@
+"""Context-parallel attention: ring attention and all-gather over the `context` mesh axis.
+
+out_BTHD = ring_attention(q_BTHD, k_BSKD, v_BSKD, mask=MaskSpec(document=True),
+                          q_segment_ids=seg_BT, q_positions=token_index_BT, mesh=mesh)
+
+Inputs are globally shaped [B, T, ...] arrays whose sequence dimension is split into W
+equal chunks over the mesh axis `axis` (size W), already in the order of a layout
+(`lcjax.parallel.layouts`: contiguous, zigzag or striped). Masks are evaluated on the
+global token indices `q_positions`/`kv_positions` and on segment ids that travel with
+their tokens, never on local shard offsets, so every `MaskSpec` (causal, document,
+anchor, sliding window, sinks) means the same as on one device, in any layout.
+
+Strategies (`strategy=`):
+
+* `ring` (RingAttention, Liu et al. 2023; Blockwise Parallel Transformer, Liu & Abbeel
+  2023). Each device keeps its query chunk; the key/value chunks, with their positions
+  and segment ids, travel the ring with `lax.ppermute` (device r sends to r + 1), so
+  at step j device r holds the keys of device (r − j) mod W. Each step runs a block
+  attention routine (`block_impl`, pure-JAX `blockwise` now, Pallas later) that
+  returns (out, lse), and the partial results are merged in float32 in LSE form (the
+  online softmax of FlashAttention-2, Dao 2023):
+
+    lse' = logaddexp(lse, lse_j),  out' = e^(lse − lse') · out + e^(lse_j − lse') · out_j.
+
+  A (query chunk, key chunk) pair whose mask is empty — decided from the chunks'
+  position and segment-id ranges, as `MaskSpec.block_map` decides for blocks — is
+  skipped with `lax.cond`: no compute. Memory per device is O(T/W).
+* `all_gather` (the Llama 3 context parallelism, Dubey et al. 2024): gather the keys
+  and values (and their positions and segment ids) over `axis` and attend the local
+  queries to all of them in one block-attention call. Simpler, one collective, but
+  O(T) key/value memory per device.
+
+Backward (`jax.custom_vjp` around the whole sharded computation; the FlashAttention-2
+backward per step, computed against the *global* output and lse saved by the
+forward). Ring: dQ accumulates locally; dK and dV of a key chunk accumulate in
+float32 buffers that travel the ring with that chunk and, after W hops, arrive at the
+chunk's owner (Liu et al. 2023). All-gather: the keys are gathered again and dK, dV
+are reduce-scattered back (`lax.psum_scatter`).
+
+Load balance under a causal mask depends on the layout; `layouts.work_imbalance`
+counts it. Zigzag and striped skip the empty halves inside a chunk pair through the
+block impl's own block skipping.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
+
+from lcjax.attention.blockwise import blockwise_bwd, blockwise_fwd, visited_block_pairs
+from lcjax.attention.masks import EMPTY, MaskSpec, resolve_mask_inputs
+from lcjax.attention.reference import check_qkv
+
+__all__ = [
+  "STRATEGIES",
+  "BlockImpl",
+  "BLOCK_IMPLS",
+  "ring_attention",
+  "ring_attention_stats",
+]
+
+STRATEGIES = ("ring", "all_gather")
+
+
+class BlockImpl(NamedTuple):
+  """The per-step attention routine of context parallelism: a forward and a backward.
+
+  fwd(q_BTHD, k_BSKD, v_BSKD, *, mask, q_segment_ids, kv_segment_ids, q_positions,
+      kv_positions, scale, block_q, block_kv) -> (out_BTHD float32, lse_BHT float32)
+  bwd(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, *, <the same keywords>)
+      -> float32 (dq_BTHD, dk_BSKD, dv_BSKD)
+
+  `fwd` gives out 0 and lse -inf on rows with no visible key. `bwd` receives the
+  output and lse merged over *all* keys and returns these keys' share of the gradients
+  (FlashAttention-2 Alg. 2 with P = exp(S − lse)). See `blockwise_fwd`/`blockwise_bwd`,
+  the pure-JAX pair; a Pallas kernel pair plugs in with the same signatures.
+  """
+
+  fwd: Callable
+  bwd: Callable
+
+
+BLOCK_IMPLS = {"blockwise": BlockImpl(blockwise_fwd, blockwise_bwd)}
+
+
+class _Static(NamedTuple):
+  """Everything static about one call; hashable, so it is a jit static argument."""
+
+  mesh: Mesh | AbstractMesh
+  axis: str
+  batch_axes: tuple[str, ...]
+  head_axis: str | None
+  strategy: str
+  impl: BlockImpl
+  mask: MaskSpec
+  scale: float
+  block_q: int
+  block_kv: int
+
+  @property
+  def ring_size(self) -> int:
+    return self.mesh.shape[self.axis]
+
+  def rows_spec(self) -> PartitionSpec:  # [B, T, H, D]
+    return PartitionSpec(self.batch_axes or None, self.axis, self.head_axis, None)
+
+  def tokens_spec(self) -> PartitionSpec:  # [B, T]
+    return PartitionSpec(self.batch_axes or None, self.axis)
+
+  def lse_spec(self) -> PartitionSpec:  # [B, H, T]
+    return PartitionSpec(self.batch_axes or None, self.head_axis, self.axis)
+
+  def block_kwargs(self) -> dict:
+    return dict(mask=self.mask, scale=self.scale, block_q=self.block_q, block_kv=self.block_kv)
+
+
+def _shard_map(st: _Static, body, args, in_specs, out_specs):
+  """`jax.shard_map` over st.mesh that passes None arguments (absent segment ids) through.
+
+  check_vma=False: the body's loop carries start as fresh (device-invariant) zeros and
+  Pallas calls do not carry varying-axis types; MaxText makes the same choice.
+  """
+  present = tuple(x is not None for x in args)
+
+  def local(*xs):
+    it = iter(xs)
+    return body(*(next(it) if p else None for p in present))
+
+  return jax.shard_map(
+    local,
+    mesh=st.mesh,
+    in_specs=tuple(s for s, p in zip(in_specs, present, strict=True) if p),
+    out_specs=out_specs,
+    check_vma=False,
+  )(*(x for x in args if x is not None))
+
+
+def _send_to_next(tree, st: _Static):
+  """Every array of `tree` moves one device along the ring: r -> r + 1 (mod W)."""
+  W = st.ring_size
+  perm = [(r, (r + 1) % W) for r in range(W)]
+  return jax.tree.map(lambda x: lax.ppermute(x, st.axis, perm), tree)
+
+
+def _chunk_block_map(st: _Static, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, block_q, block_kv):
+  return st.mask.block_map(
+    q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, block_q=block_q, block_kv=block_kv
+  )
+
+
+def _chunk_visible(st: _Static, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS) -> jax.Array:
+  """False iff no (query, key) pair of the two chunks is allowed, in any batch row.
+
+  One block the size of each chunk: O(T/W) work from position and segment ranges.
+  """
+  T, S = q_pos_BT.shape[1], k_pos_BS.shape[1]
+  block_map_B11 = _chunk_block_map(st, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, T, S)
+  return (block_map_B11 != EMPTY).any()
+
+
+def _merge(out_BTHD, lse_BHT, out_j_BTHD, lse_j_BHT):
+  """LSE-form online-softmax merge of two partial attentions over disjoint key sets (fp32)."""
+  lse_new_BHT = jnp.logaddexp(lse_BHT, lse_j_BHT)
+  # Rows that have seen no visible key yet keep lse -inf; shift by 0 so both weights are 0.
+  shift_BHT = jnp.where(jnp.isfinite(lse_new_BHT), lse_new_BHT, 0.0)
+  w_BTH1 = jnp.exp(lse_BHT - shift_BHT).transpose(0, 2, 1)[..., None]
+  w_j_BTH1 = jnp.exp(lse_j_BHT - shift_BHT).transpose(0, 2, 1)[..., None]
+  return w_BTH1 * out_BTHD + w_j_BTH1 * out_j_BTHD, lse_new_BHT
+
+
+def _ring_forward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, count_blocks=False):
+  """One device's ring forward: (out_BTHD fp32, lse_BHT, chunk pairs, block pairs computed)."""
+  B, T, H, D = q.shape
+
+  def attend(acc, kv):
+    out_BTHD, lse_BHT, chunks, blocks = acc
+    k_BSKD, v_BSKD, k_pos_BS, k_seg_BS = kv
+
+    def compute():
+      out_j, lse_j = st.impl.fwd(
+        q,
+        k_BSKD,
+        v_BSKD,
+        q_segment_ids=q_seg,
+        kv_segment_ids=k_seg_BS,
+        q_positions=q_pos,
+        kv_positions=k_pos_BS,
+        **st.block_kwargs(),
+      )
+      n_blocks = blocks
+      if count_blocks:
+        bq, bk = min(st.block_q, T), min(st.block_kv, k_pos_BS.shape[1])
+        n_blocks += visited_block_pairs(
+          _chunk_block_map(st, q_pos, k_pos_BS, q_seg, k_seg_BS, bq, bk)
+        )
+      return *_merge(out_BTHD, lse_BHT, out_j, lse_j), chunks + 1, n_blocks
+
+    return lax.cond(_chunk_visible(st, q_pos, k_pos_BS, q_seg, k_seg_BS), compute, lambda: acc)
+
+  def step(carry, _):
+    acc, kv = carry
+    return (attend(acc, kv), _send_to_next(kv, st)), None
+
+  acc = (
+    jnp.zeros((B, T, H, D), jnp.float32),
+    jnp.full((B, H, T), -jnp.inf, jnp.float32),
+    jnp.int32(0),
+    jnp.int32(0),
+  )
+  # W − 1 hops bring every key chunk past every device; the last step needs no send.
+  (acc, kv), _ = lax.scan(step, (acc, (k, v, k_pos, k_seg)), length=st.ring_size - 1)
+  return attend(acc, kv)
+
+
+def _ring_backward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, dout):
+  """One device's ring backward: (dq, dk, dv) of its own chunks, in the input dtypes."""
+
+  def attend(dq_BTHD, kv, dkv):
+    k_BSKD, v_BSKD, k_pos_BS, k_seg_BS = kv
+    dk_BSKD, dv_BSKD = dkv
+
+    def compute():
+      dq_j, dk_j, dv_j = st.impl.bwd(
+        q,
+        k_BSKD,
+        v_BSKD,
+        out,
+        lse,
+        dout,
+        q_segment_ids=q_seg,
+        kv_segment_ids=k_seg_BS,
+        q_positions=q_pos,
+        kv_positions=k_pos_BS,
+        **st.block_kwargs(),
+      )
+      return dq_BTHD + dq_j, (dk_BSKD + dk_j, dv_BSKD + dv_j)
+
+    visible = _chunk_visible(st, q_pos, k_pos_BS, q_seg, k_seg_BS)
+    return lax.cond(visible, compute, lambda: (dq_BTHD, dkv))
+
+  def step(carry, _):
+    dq_BTHD, kv, dkv = carry
+    dq_BTHD, dkv = attend(dq_BTHD, kv, dkv)
+    # dK, dV of a key chunk travel with it (Liu et al. 2023).
+    kv, dkv = _send_to_next((kv, dkv), st)
+    return (dq_BTHD, kv, dkv), None
+
+  zeros_BSKD = jnp.zeros(k.shape, jnp.float32)
+  carry = (jnp.zeros(q.shape, jnp.float32), (k, v, k_pos, k_seg), (zeros_BSKD, zeros_BSKD))
+  (dq_BTHD, kv, dkv), _ = lax.scan(step, carry, length=st.ring_size - 1)
+  dq_BTHD, dkv = attend(dq_BTHD, kv, dkv)
+  # The W-th hop brings each dK, dV buffer home to the device that owns its keys.
+  dk_BSKD, dv_BSKD = _send_to_next(dkv, st)
+  return dq_BTHD.astype(q.dtype), dk_BSKD.astype(k.dtype), dv_BSKD.astype(v.dtype)
+
+
+def _gather_kv(st: _Static, k, v, k_pos, k_seg):
+  """Keys, values, positions and segment ids of the whole row, in layout order."""
+  return jax.tree.map(
+    lambda x: lax.all_gather(x, st.axis, axis=1, tiled=True), (k, v, k_pos, k_seg)
+  )
+
+
+def _gathered_forward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg):
+  k_all, v_all, k_pos_all, k_seg_all = _gather_kv(st, k, v, k_pos, k_seg)
+  return st.impl.fwd(
+    q,
+    k_all,
+    v_all,
+    q_segment_ids=q_seg,
+    kv_segment_ids=k_seg_all,
+    q_positions=q_pos,
+    kv_positions=k_pos_all,
+    **st.block_kwargs(),
+  )
+
+
+def _gathered_backward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, dout):
+  k_all, v_all, k_pos_all, k_seg_all = _gather_kv(st, k, v, k_pos, k_seg)
+  dq, dk_all, dv_all = st.impl.bwd(
+    q,
+    k_all,
+    v_all,
+    out,
+    lse,
+    dout,
+    q_segment_ids=q_seg,
+    kv_segment_ids=k_seg_all,
+    q_positions=q_pos,
+    kv_positions=k_pos_all,
+    **st.block_kwargs(),
+  )
+  # Every device holds a part of every key's gradient: sum them, each keeps its chunk.
+  dk, dv = (lax.psum_scatter(x, st.axis, scatter_dimension=1, tiled=True) for x in (dk_all, dv_all))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg):
+  """The sharded forward on global arrays: (out_BTHD float32, lse_BHT)."""
+  rows, tokens = st.rows_spec(), st.tokens_spec()
+  in_specs = (rows, rows, rows, tokens, tokens, tokens, tokens)
+  if st.strategy == "ring":
+    body = lambda *a: _ring_forward_local(st, *a)[:2]
+  else:
+    body = functools.partial(_gathered_forward_local, st)
+  args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
+  return _shard_map(st, body, args, in_specs, (rows, st.lse_spec()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(st, q, k, v, q_pos, k_pos, q_seg, k_seg):
+  out_BTHD, _ = _forward(st, q, k, v, q_pos, k_pos, q_seg, k_seg)
+  return out_BTHD.astype(q.dtype)
+
+
+def _attention_fwd(st, q, k, v, q_pos, k_pos, q_seg, k_seg):
+  out_BTHD, lse_BHT = _forward(st, q, k, v, q_pos, k_pos, q_seg, k_seg)
+  # Residuals are sharded like the inputs: O(T/W) per device, never a score block.
+  res = (q, k, v, q_pos, k_pos, q_seg, k_seg, out_BTHD, lse_BHT)
+  return out_BTHD.astype(q.dtype), res
+
+
+def _attention_bwd(st, res, dout_BTHD):
+  rows, tokens = st.rows_spec(), st.tokens_spec()
+  in_specs = (rows, rows, rows, tokens, tokens, tokens, tokens, rows, st.lse_spec(), rows)
+  local = _ring_backward_local if st.strategy == "ring" else _gathered_backward_local
+  body = functools.partial(local, st)
+  dq, dk, dv = _shard_map(st, body, (*res, dout_BTHD), in_specs, (rows, rows, rows))
+  return dq, dk, dv, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _axis_tuple(axes) -> tuple[str, ...]:
+  """None -> (), 'data' -> ('data',), ('data', 'fsdp') -> itself."""
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _static(
+  q_BTHD,
+  k_BSKD,
+  v_BSKD,
+  mask,
+  mesh,
+  axis,
+  batch_axes,
+  head_axis,
+  strategy,
+  block_impl,
+  scale,
+  block_q,
+  block_kv,
+):
+  """Validates the call before tracing; each error is one sentence naming the argument."""
+  if not isinstance(mask, MaskSpec):
+    raise ValueError(f"mask must be a MaskSpec, got {type(mask).__name__}")
+  if strategy not in STRATEGIES:
+    raise ValueError(
+      f"strategy={strategy!r} is not a context-parallel strategy; use one of {STRATEGIES}"
+    )
+  if isinstance(block_impl, str):
+    if block_impl not in BLOCK_IMPLS:
+      raise ValueError(
+        f"block_impl={block_impl!r} is unknown; use one of {sorted(BLOCK_IMPLS)} or a BlockImpl"
+      )
+    block_impl = BLOCK_IMPLS[block_impl]
+  elif not isinstance(block_impl, BlockImpl):
+    raise ValueError(
+      f"block_impl must be a name in {sorted(BLOCK_IMPLS)} or a BlockImpl, got {block_impl!r}"
+    )
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      raise ValueError(
+        "ring_attention needs a mesh: pass mesh= (see lcjax.parallel.make_mesh) or call it "
+        "inside `with jax.set_mesh(mesh):`"
+      )
+  if not isinstance(mesh, Mesh | AbstractMesh):
+    raise ValueError(
+      f"mesh must be a jax.sharding.Mesh (see lcjax.parallel.make_mesh), got {type(mesh).__name__}"
+    )
+  batch_axes = _axis_tuple(batch_axes)
+  named = [("axis", axis)] + [("batch_axes", a) for a in batch_axes]
+  named += [] if head_axis is None else [("head_axis", head_axis)]
+  for name, value in named:
+    if value not in mesh.axis_names:
+      raise ValueError(f"{name}={value!r} is not an axis of the mesh; use one of {mesh.axis_names}")
+  used = [a for a in (axis, head_axis, *batch_axes) if a is not None]
+  if len(set(used)) != len(used):
+    raise ValueError(f"axis, head_axis and batch_axes must name different mesh axes, got {used}")
+  for name, size in (("block_q", block_q), ("block_kv", block_kv)):
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+      raise ValueError(f"{name} must be a positive integer, got {size!r}")
+  check_qkv(q_BTHD, k_BSKD, v_BSKD)
+  B, T, Hq, D = q_BTHD.shape
+  S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
+  W = mesh.shape[axis]
+  for name, length in (("query", T), ("key", S)):
+    if length % W:
+      raise ValueError(
+        f"{name} length {length} is not divisible by the {axis!r} axis size {W}; pad the "
+        f"sequence or change mesh.{axis}"
+      )
+  rows = math.prod(mesh.shape[a] for a in batch_axes)
+  if B % rows:
+    raise ValueError(
+      f"batch {B} is not divisible by the {rows} devices of batch_axes={batch_axes}; change "
+      "the batch size or batch_axes"
+    )
+  heads = 1 if head_axis is None else mesh.shape[head_axis]
+  if Hkv % heads:
+    raise ValueError(
+      f"{Hkv} kv heads are not divisible by head_axis={head_axis!r} of size {heads}; use "
+      "head_axis=None or a smaller axis"
+    )
+  scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+  return _Static(
+    mesh, axis, batch_axes, head_axis, strategy, block_impl, mask, scale, block_q, block_kv
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _run(st: _Static, q_BTHD, k_BSKD, v_BSKD, q_positions, kv_positions, q_seg, kv_seg):
+  B, T, S = q_BTHD.shape[0], q_BTHD.shape[1], k_BSKD.shape[1]
+  mask_inputs = resolve_mask_inputs(st.mask, B, T, S, q_positions, kv_positions, q_seg, kv_seg)
+  return _attention(st, q_BTHD, k_BSKD, v_BSKD, *mask_inputs)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _run_stats(st: _Static, q_BTHD, k_BSKD, v_BSKD, q_positions, kv_positions, q_seg, kv_seg):
+  B, T, S = q_BTHD.shape[0], q_BTHD.shape[1], k_BSKD.shape[1]
+  mask_inputs = resolve_mask_inputs(st.mask, B, T, S, q_positions, kv_positions, q_seg, kv_seg)
+
+  def body(*args):
+    _, _, chunks, blocks = _ring_forward_local(st, *args, count_blocks=True)
+    return chunks.reshape(1, 1), blocks.reshape(1, 1)
+
+  rows, tokens = st.rows_spec(), st.tokens_spec()
+  in_specs = (rows, rows, rows, tokens, tokens, tokens, tokens)
+  counts_spec = PartitionSpec(st.batch_axes or None, st.axis)
+  args = (q_BTHD, k_BSKD, v_BSKD, *mask_inputs)
+  chunks, blocks = _shard_map(st, body, args, in_specs, (counts_spec, counts_spec))
+  return {"chunk_pairs": chunks, "block_pairs": blocks}
+
+
+def ring_attention(
+  q_BTHD: jax.Array,
+  k_BSKD: jax.Array,
+  v_BSKD: jax.Array,
+  *,
+  mask: MaskSpec,
+  q_segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  mesh: Mesh | AbstractMesh | None = None,
+  axis: str = "context",
+  batch_axes: str | tuple[str, ...] | None = None,
+  head_axis: str | None = None,
+  strategy: str = "ring",
+  block_impl: str | BlockImpl = "blockwise",
+  scale: float | None = None,
+  block_q: int = 512,
+  block_kv: int = 512,
+) -> jax.Array:
+  """Attention over a sequence split across `axis`: `dot_product_attention` for long rows.
+
+  Args:
+    q_BTHD, k_BSKD, v_BSKD, mask, q_segment_ids, kv_segment_ids, q_positions,
+      kv_positions, scale: as in `lcjax.attention.dot_product_attention`, on the
+      global arrays in layout order. Positions are the mask positions: each token's
+      index in the original row (`apply_layout`'s `token_index`), which default to
+      arange (the contiguous layout). Segment ids are needed by `document` masks.
+    mesh: the device mesh (`lcjax.parallel.make_mesh`); default the mesh set with
+      `jax.set_mesh`. T and S are split over `axis`.
+    axis: the mesh axis of the sequence split (the ring), size W; W must divide T, S.
+    batch_axes: mesh axes the batch rows are split over, e.g. ('data', 'fsdp');
+      default none (rows replicated over the other axes).
+    head_axis: a mesh axis the heads are split over (e.g. 'tensor'), default none.
+    strategy: "ring" (K/V travel the ring) or "all_gather" (K/V gathered once).
+    block_impl: the per-step attention routine: "blockwise" or a `BlockImpl`.
+    block_q, block_kv: block sizes of the block impl inside a device's chunk.
+
+  Returns out_BTHD in q's dtype, sharded like q. Differentiable (custom VJP, see the
+  module docstring); works under jit or eagerly. Bad arguments raise before tracing.
+  """
+  st = _static(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    mask,
+    mesh,
+    axis,
+    batch_axes,
+    head_axis,
+    strategy,
+    block_impl,
+    scale,
+    block_q,
+    block_kv,
+  )
+  return _run(st, q_BTHD, k_BSKD, v_BSKD, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+
+
+def ring_attention_stats(
+  q_BTHD: jax.Array,
+  k_BSKD: jax.Array,
+  v_BSKD: jax.Array,
+  *,
+  mask: MaskSpec,
+  q_segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  mesh: Mesh | AbstractMesh | None = None,
+  axis: str = "context",
+  batch_axes: str | tuple[str, ...] | None = None,
+  head_axis: str | None = None,
+  block_impl: str | BlockImpl = "blockwise",
+  scale: float | None = None,
+  block_q: int = 512,
+  block_kv: int = 512,
+) -> dict[str, jax.Array]:
+  """Work done by the ring forward, counted inside its compute branch (a debug stat).
+
+  Takes `ring_attention`'s arguments (the strategy is "ring"). Returns int32 arrays
+  [R, W] (R = devices over batch_axes, W = ring size), one entry per device:
+  "chunk_pairs", the ring steps whose (query chunk, key chunk) pair was computed
+  rather than skipped, and "block_pairs", the (q block, kv block) pairs the blockwise
+  impl visits inside them (what `layouts.ring_work` predicts).
+  """
+  st = _static(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    mask,
+    mesh,
+    axis,
+    batch_axes,
+    head_axis,
+    "ring",
+    block_impl,
+    scale,
+    block_q,
+    block_kv,
+  )
+  return _run_stats(
+    st, q_BTHD, k_BSKD, v_BSKD, q_positions, kv_positions, q_segment_ids, kv_segment_ids
+  )
