@@ -137,8 +137,9 @@ def _tiny_inprocess(tmp_path, **train):
 def test_mesh_batch_mismatch_is_one_clear_error(tmp_path):
   c = _tiny_inprocess(tmp_path, steps=2)
   c.train.batch_size = 4
-  with pytest.raises(ConfigError, match=r"not divisible by the 8 devices.*train\.batch_size"):
+  with pytest.raises(ConfigError, match=r"batch size 4 is not divisible by data\*fsdp=8"):
     train(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / "config.json")  # failed before writing anything
 
 
 def test_missing_data_path_and_empty_corpus(tmp_path):
@@ -247,7 +248,9 @@ def test_mixture_decomposition_and_passkey_through_the_trainer(tmp_path):
   for path in ("eval/passkey.json", "plots/passkey_depth_length.png", "plots/ppl_vs_length.png"):
     assert os.path.getsize(tmp_path / "mix" / path) > 0
   rows = read_metrics(str(tmp_path / "mix" / "metrics.jsonl"))
-  assert any("eval/passkey@300" in r for r in rows) and any("eval/ppl@64/trained" in r for r in rows)
+  assert any("eval/passkey@300" in r for r in rows) and any(
+    "eval/ppl@64/trained" in r for r in rows
+  )
 
   c = _tiny_inprocess(tmp_path, steps=4)
   c.data.decomposition = dict(min_log2=3, max_log2=5, tokens_per_batch=256, curriculum="grow")

@@ -7,19 +7,22 @@ from flax import nnx
 from lcjax.config import ConfigError
 from lcjax.models.config import llama_config, validate_model_config
 from lcjax.models.generate import generate
+from lcjax.models.mamba2 import Mamba2LM, mamba2_config
 from lcjax.models.transformer import LlamaLM
 
 __all__ = [
   "build_model",
   "generate",
   "llama_config",
+  "mamba2_config",
   "validate_model_config",
   "LlamaLM",
+  "Mamba2LM",
   "FAMILIES",
 ]
 
 # family name → model class; a new family is one entry.
-FAMILIES = {"llama": LlamaLM}
+FAMILIES = {"llama": LlamaLM, "mamba2": Mamba2LM}
 
 
 def build_model(model_config, *, rngs: nnx.Rngs) -> nnx.Module:

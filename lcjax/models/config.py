@@ -53,6 +53,7 @@ def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
       dtype="auto",  # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
       remat="none",  # none | full | dots (save matmul outputs): activation checkpointing per layer
       attention_impl="auto",
+      context_strategy="ring",  # ring | all_gather, used when the mesh's context axis is > 1
       attention_block_q=512,
       attention_block_kv=512,
       initializer_range=0.02,

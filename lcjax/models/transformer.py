@@ -49,6 +49,7 @@ class Attention(nnx.Module):
     d, hd, std = cfg.d_model, head_dim(cfg), cfg.initializer_range
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
     self.impl = cfg.attention_impl
+    self.context_strategy = cfg.context_strategy
     self.block_q, self.block_kv = cfg.attention_block_q, cfg.attention_block_kv
     qkv = dict(bias=cfg.qkv_bias, dtype=dtype, init_std=std, rngs=rngs)
     self.q_proj = dense(d, cfg.num_heads * hd, **qkv)
@@ -88,6 +89,12 @@ class Attention(nnx.Module):
       cache = KVCache(k_BTKD, v_BTKD)
       # Causal masking by index hides the still-empty slots after the write.
       kv_index_BS = jnp.broadcast_to(jnp.arange(k_BTKD.shape[1]), (B, k_BTKD.shape[1]))
+    context_mesh = _context_mesh() if cache is None else None
+    if context_mesh is not None:
+      out_BTHD = self._context_parallel(
+        context_mesh, q_BTHD, k_BTKD, v_BTKD, mask, segment_ids_BT, q_index_BT
+      )
+      return self.o_proj(out_BTHD.reshape(B, T, -1)), cache
     out_BTHD = dot_product_attention(
       q_BTHD,
       k_BTKD,
@@ -102,6 +109,37 @@ class Attention(nnx.Module):
       block_kv=self.block_kv,
     )
     return self.o_proj(out_BTHD.reshape(B, T, -1)), cache
+
+  def _context_parallel(self, mesh, q_BTHD, k_BTKD, v_BTKD, mask, segment_ids_BT, q_index_BT):
+    """Ring (or all-gather) attention over the mesh's 'context' axis (Liu et al. 2023)."""
+    from lcjax.parallel.mesh import BATCH_AXES
+    from lcjax.parallel.ring import ring_attention
+
+    tensor = mesh.shape.get("tensor", 1)
+    head_axis = "tensor" if tensor > 1 and self.num_kv_heads % tensor == 0 else None
+    return ring_attention(
+      q_BTHD,
+      k_BTKD,
+      v_BTKD,
+      mask=mask,
+      q_segment_ids=segment_ids_BT,
+      kv_segment_ids=segment_ids_BT,
+      q_positions=q_index_BT,
+      kv_positions=q_index_BT,
+      batch_axes=BATCH_AXES,
+      head_axis=head_axis,
+      strategy=self.context_strategy,
+      block_q=self.block_q,
+      block_kv=self.block_kv,
+    )
+
+
+def _context_mesh():
+  """The mesh set with `jax.set_mesh` when its 'context' axis has more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or dict(mesh.shape).get("context", 1) <= 1:
+    return None
+  return mesh
 
 
 class DecoderBlock(nnx.Module):

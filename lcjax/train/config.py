@@ -11,6 +11,7 @@ import ml_collections
 
 from lcjax.config import require
 from lcjax.models.config import llama_config, validate_model_config
+from lcjax.parallel.mesh import validate_parallel_config
 
 __all__ = ["base_config", "validate_config", "model_config_for_run"]
 
@@ -74,6 +75,7 @@ def model_config_for_run(config, hf_model_config=None):
   cfg.attention_impl = config.attention.impl
   cfg.attention_block_q = config.attention.block_q
   cfg.attention_block_kv = config.attention.block_kv
+  cfg.context_strategy = config.parallel.context_strategy
   return cfg
 
 
@@ -93,16 +95,11 @@ def validate_config(config) -> None:
   )
   require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
   require(config.checkpoint.keep >= 1, "checkpoint.keep must be >= 1 (keep-last-K)")
-  m = config.mesh
-  for axis in ("fsdp", "tensor", "context"):
-    require(
-      m[axis] == 1,
-      f"mesh.{axis}={m[axis]} needs the context-parallel issue's sharding, which is not built "
-      "yet; set it to 1",
-    )
-  require(
-    t.batch_size % t.grad_accum == 0 and (t.batch_size // t.grad_accum) >= 1,
-    "train.batch_size must hold at least one row per micro-batch",
+  validate_parallel_config(
+    config.mesh,
+    config.parallel,
+    seq_len=config.data.seq_len,
+    batch_size=t.batch_size // t.grad_accum,
   )
   if config.init_from is not None:
     import os

@@ -17,13 +17,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from lcjax.config import require
 from lcjax.models import build_model
+from lcjax.parallel.layouts import apply_layout
+from lcjax.parallel.mesh import make_mesh
+from lcjax.parallel.sharding import batch_sharding, tree_shardings
 from lcjax.train.checkpoint import Checkpointer
 from lcjax.train.config import model_config_for_run, validate_config
 from lcjax.train.flops import flops_per_token, peak_flops
@@ -87,28 +87,12 @@ def _write_config(config, workdir: str) -> None:
   os.replace(tmp, path)
 
 
-def _data_mesh():
-  devices = np.array(jax.devices())
-  return jax.sharding.Mesh(devices, ("data",))
-
-
 def train(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
   validate_config(config)
   from lcjax import data as lcdata
 
-  mesh = _data_mesh()
-  n_data = mesh.shape["data"]
-  require(
-    config.mesh.data in (-1, n_data),
-    f"mesh.data={config.mesh.data} but {n_data} devices are visible; use -1 (all devices)",
-  )
-  micro = config.train.batch_size // config.train.grad_accum
-  require(
-    micro % n_data == 0,
-    f"train.batch_size / train.grad_accum = {micro} rows is not divisible by the {n_data} "
-    "devices of mesh.data; change train.batch_size",
-  )
+  mesh = make_mesh(config.mesh)
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)
 
@@ -139,9 +123,10 @@ def train(config, workdir: str) -> dict[str, Any]:
     data_iter.set_state(data_state)
     print(f"resumed from {checkpointer.directory}/{start_step}")
 
-  replicated = NamedSharding(mesh, PartitionSpec())
-  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  state = jax.device_put(state, replicated)
+  # FSDP / tensor-parallel shardings from the path rules; rows over (data, fsdp), the
+  # sequence over context (in the layout's order).
+  state = jax.device_put(state, tree_shardings(state, mesh))
+  prepare = _batch_preparer(mesh, config.parallel.layout)
   document_mask = config.data.get("document_mask", True)
   train_step = make_train_step(
     graphdef,
@@ -151,6 +136,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     loss_chunk=config.train.loss_chunk,
     document_mask=document_mask,
   )
+  eval_step = make_eval_step(graphdef, loss_chunk=config.train.loss_chunk)
   seq_len = config.data.seq_len
   fpt = flops_per_token(model_cfg, n_params, seq_len)
   peak = peak_flops(config.train.peak_flops)
@@ -158,16 +144,17 @@ def train(config, workdir: str) -> dict[str, Any]:
   progress = Progress(config.train.steps, start_step, every=config.train.log_every)
   print(
     f"model: {model_cfg.family}, {n_params:,} params; data: {config.data.source.get('kind')}, "
-    f"seq_len {seq_len}, batch {config.train.batch_size}; steps {start_step}->{config.train.steps}"
+    f"seq_len {seq_len}, batch {config.train.batch_size}; "
+    f"steps {start_step}->{config.train.steps}; mesh {dict(mesh.shape)}"
   )
 
   last: dict[str, Any] = {}
   step = start_step
-  with _StopFlag() as stop:
+  with _StopFlag() as stop, jax.set_mesh(mesh):
     t_last, tokens_since = time.time(), 0
     while step < config.train.steps:
       batch = next(data_iter)
-      batch = {k: jax.device_put(np.asarray(batch[k]), batch_sharding) for k in BATCH_KEYS}
+      batch = prepare(batch)
       state, metrics = train_step(state, batch)
       step += 1
       tokens_since += int(np.prod(batch["tokens"].shape))
@@ -190,7 +177,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         progress.update(step, loss, tps)
         t_last, tokens_since = time.time(), 0
       if config.eval.every_steps and step % config.eval.every_steps == 0:
-        writer.write(step, _validation_loss(config, graphdef, state["params"]))
+        writer.write(step, _validation_loss(config, eval_step, prepare, state["params"]))
       save_now = step % config.checkpoint.every_steps == 0 or step == config.train.steps
       if save_now or stop.signal:
         checkpointer.save(step, state, data_iter.get_state())
@@ -221,20 +208,36 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def _validation_loss(config, graphdef, params) -> dict[str, float]:
+def _batch_preparer(mesh, layout: str):
+  """Host batch -> device arrays: context layout applied once, then sharded."""
+  context = mesh.shape["context"]
+  sharding = batch_sharding(mesh)
+
+  def prepare(batch):
+    batch = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+    if context > 1:
+      # Tokens, targets, positions, segment ids and weights move together; token_index
+      # keeps the global order for the masks (lcjax.parallel.layouts).
+      batch = apply_layout(batch, context, layout)
+    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+  return prepare
+
+
+def _validation_loss(config, eval_step, prepare, params) -> dict[str, float]:
   """Mean loss over `eval.batches` packed batches of the validation split."""
   from lcjax import data as lcdata
 
-  eval_step = make_eval_step(graphdef, loss_chunk=config.train.loss_chunk)
   data = config.data.copy_and_resolve_references()
   data.split = "validation"
   it = lcdata.make_train_iterator(
-    data, batch_size=config.train.batch_size // config.train.grad_accum, seed=0
+    data,
+    batch_size=config.train.batch_size // config.train.grad_accum // jax.process_count(),
+    seed=0,
   )
   nll = weight = 0.0
   for _ in range(config.eval.batches):
-    batch = next(it)
-    n, w = eval_step(params, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS})
+    n, w = eval_step(params, prepare(next(it)))
     nll, weight = nll + float(n), weight + float(w)
   loss = nll / max(weight, 1.0)
   return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}

@@ -38,6 +38,7 @@ def _loss_sums(graphdef, params, batch, loss_chunk: int, document_mask: bool):
     batch["tokens"],
     positions=batch["positions"],
     segment_ids=batch["segment_ids"] if document_mask else None,
+    token_index=batch.get("token_index"),  # set by context-parallel layouts
   )
   return chunked_cross_entropy(
     model.logits, h_BTD, batch["targets"], batch["loss_weights"], chunk=loss_chunk
