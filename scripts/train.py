@@ -18,6 +18,9 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "configs/NAME.py[:args]", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config.json, metrics, checkpoints")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,7 +28,11 @@ def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
   from lcjax.config import ConfigError
+  from lcjax.parallel.distributed import maybe_initialize
   from lcjax.train import TrainingDiverged, train
+
+  # Multi-process when flags, SLURM or a TPU pod say so; before anything touches devices.
+  maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   try:
     train(_CONFIG.value, _WORKDIR.value)

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcjax.parallel.mesh import logical_to_spec
-from lcjax.train.optim import path_str
+from lcjax.pytree import path_str
 
 __all__ = ["PARAM_RULES", "param_logical_axes", "tree_shardings", "batch_sharding"]
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from lcjax.models import build_model
+from lcjax.parallel.distributed import gather_json, process_local_to_global
 from lcjax.parallel.layouts import apply_layout
 from lcjax.parallel.mesh import make_mesh
 from lcjax.parallel.sharding import batch_sharding, tree_shardings
@@ -53,6 +54,16 @@ def build_run_model(config, *, seed: int | None = None):
   # Same weights in a graph rebuilt with the run's fields (attention impl, rope overrides).
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
   return nnx.merge(graphdef, nnx.state(loaded, nnx.Param)), cfg
+
+
+class _NullWriter:
+  """Processes other than 0 log nothing."""
+
+  def write(self, step, metrics) -> None:
+    del step, metrics
+
+  def close(self) -> None:
+    pass
 
 
 class _StopFlag:
@@ -94,7 +105,9 @@ def train(config, workdir: str) -> dict[str, Any]:
 
   mesh = make_mesh(config.mesh)
   os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
+  primary = jax.process_index() == 0  # only process 0 writes run outputs
+  if primary:
+    _write_config(config, workdir)
 
   model, model_cfg = build_run_model(config)
   graphdef, _ = nnx.split(model, nnx.Param)
@@ -119,9 +132,11 @@ def train(config, workdir: str) -> dict[str, Any]:
   restored = checkpointer.restore_latest(jax.tree.map(_abstract, state))
   start_step = 0
   if restored is not None:
-    start_step, state, data_state = restored
-    data_iter.set_state(data_state)
-    print(f"resumed from {checkpointer.directory}/{start_step}")
+    start_step, state, data_states = restored
+    data_iter.set_state(data_states[str(jax.process_index())])
+    progress_note = f"resumed from {checkpointer.directory}/{start_step}"
+    if primary:
+      print(progress_note)
 
   # FSDP / tensor-parallel shardings from the path rules; rows over (data, fsdp), the
   # sequence over context (in the layout's order).
@@ -140,9 +155,11 @@ def train(config, workdir: str) -> dict[str, Any]:
   seq_len = config.data.seq_len
   fpt = flops_per_token(model_cfg, n_params, seq_len)
   peak = peak_flops(config.train.peak_flops)
-  writer = MetricsWriter(workdir, resume_step=start_step)
-  progress = Progress(config.train.steps, start_step, every=config.train.log_every)
-  print(
+  writer = MetricsWriter(workdir, resume_step=start_step) if primary else _NullWriter()
+  progress = Progress(
+    config.train.steps, start_step, every=config.train.log_every, quiet=not primary
+  )
+  progress.message(
     f"model: {model_cfg.family}, {n_params:,} params; data: {config.data.source.get('kind')}, "
     f"seq_len {seq_len}, batch {config.train.batch_size}; "
     f"steps {start_step}->{config.train.steps}; mesh {dict(mesh.shape)}"
@@ -180,13 +197,16 @@ def train(config, workdir: str) -> dict[str, Any]:
         writer.write(step, _validation_loss(config, eval_step, prepare, state["params"]))
       save_now = step % config.checkpoint.every_steps == 0 or step == config.train.steps
       if save_now or stop.signal:
-        checkpointer.save(step, state, data_iter.get_state())
+        checkpointer.save(step, state, gather_json(data_iter.get_state()))
       if stop.signal:
         progress.message(f"{stop.signal}: saved step {step}; rerun the same command to resume")
         break
   checkpointer.close()
   writer.close()
-  if step >= config.train.steps:
+  if step >= config.train.steps and jax.process_count() > 1:
+    if primary:
+      print("multi-process run: evaluate with `python scripts/eval.py` in one process")
+  elif step >= config.train.steps:
     from lcjax.train.evaluate import final_evaluations
 
     final_evaluations(config, workdir, graphdef, state["params"], model_cfg, step)
@@ -219,7 +239,7 @@ def _batch_preparer(mesh, layout: str):
       # Tokens, targets, positions, segment ids and weights move together; token_index
       # keeps the global order for the masks (lcjax.parallel.layouts).
       batch = apply_layout(batch, context, layout)
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    return {k: process_local_to_global(v, sharding) for k, v in batch.items()}
 
   return prepare
 

@@ -14,8 +14,9 @@ import jax
 import optax
 
 from lcjax.config import require
+from lcjax.pytree import path_str
 
-__all__ = ["make_schedule", "make_optimizer", "param_labels", "path_str"]
+__all__ = ["make_schedule", "make_optimizer", "param_labels"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -37,14 +38,6 @@ def make_schedule(tc) -> optax.Schedule:
     return decay
   warmup = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
   return optax.join_schedules([warmup, decay], [tc.warmup_steps])
-
-
-def path_str(path) -> str:
-  """'layers/0/self_attn/q_proj/kernel' for a jax key path."""
-  parts = []
-  for key in path:
-    parts.append(str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))))
-  return "/".join(parts)
 
 
 def param_labels(params, tc):

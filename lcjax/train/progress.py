@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -18,9 +19,9 @@ def _eta(seconds: float) -> str:
 class Progress:
   """Shows step, loss, tokens/s and ETA; plain lines every `every` steps when not a TTY."""
 
-  def __init__(self, total: int, start: int, *, every: int, stream=None):
+  def __init__(self, total: int, start: int, *, every: int, stream=None, quiet: bool = False):
     self.total, self.start, self.every = total, start, max(every, 1)
-    self.stream = stream or sys.stdout
+    self.stream = open(os.devnull, "w") if quiet else (stream or sys.stdout)  # noqa: SIM115
     self.tty = self.stream.isatty()
     self.t0 = time.time()
 
