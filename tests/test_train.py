@@ -256,3 +256,18 @@ def test_mixture_decomposition_and_passkey_through_the_trainer(tmp_path):
   c.data.decomposition = dict(min_log2=3, max_log2=5, tokens_per_batch=256, curriculum="grow")
   train(c, str(tmp_path / "dd"))
   assert sorted(_losses(tmp_path / "dd")) == [1, 2, 3, 4]
+
+
+def test_mamba2_config_trains_through_the_same_loop(tmp_path):
+  from lcjax.models import mamba2_config
+
+  c = _tiny_inprocess(tmp_path, steps=3)
+  c.model = mamba2_config(
+    vocab_size=384, d_model=32, num_layers=2, d_state=8, head_dim=8, chunk_size=16, dtype="float32"
+  )
+  c.eval.update(ppl_lengths=(32, 64), ppl_max_documents=2)
+  train(c, str(tmp_path))
+  losses = _losses(tmp_path)
+  assert sorted(losses) == [1, 2, 3] and losses[3] < losses[1]
+  with open(tmp_path / "eval" / "ppl_vs_length.json") as f:
+    assert list(json.load(f)) == ["trained"]  # no RoPE variants for an SSM

@@ -1,7 +1,7 @@
 """Hugging Face interop: read and write `config.json` + safetensors folders.
 
 `load_pretrained(path)` builds an lcjax model from a transformers checkpoint of
-`model_type` llama, mistral or qwen2 (single file or sharded with
+`model_type` llama, mistral, qwen2 or mamba2 (single file or sharded with
 `model.safetensors.index.json`); `save_pretrained(model, model_config, path)`
 writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 Logits match transformers in float32 (tests/test_hf_interop.py). No torch is
@@ -35,7 +35,7 @@ __all__ = [
   "CheckpointError",
 ]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mamba2")
 _ARCHITECTURES = {
   "llama": "LlamaForCausalLM",
   "mistral": "MistralForCausalLM",
@@ -61,6 +61,10 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json"):
   `MistralConfig` and `Qwen2Config`.
   """
   model_type = hf.get("model_type")
+  if model_type == "mamba2":
+    from lcjax.interop import hf_mamba2
+
+    return hf_mamba2.config_from_hf(hf, source=source)
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise CheckpointError(
       f"{source}: model_type={model_type!r} is not supported; lcjax loads {SUPPORTED_MODEL_TYPES}"
@@ -118,6 +122,10 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json"):
 
 def config_to_hf(cfg) -> dict[str, Any]:
   """The transformers `config.json` dict for an lcjax model config."""
+  if cfg.get("family") == "mamba2":
+    from lcjax.interop import hf_mamba2
+
+    return hf_mamba2.config_to_hf(cfg)
   model_type = cfg.hf_model_type
   kinds = list(layer_types(cfg))
   hf: dict[str, Any] = dict(
@@ -264,6 +272,10 @@ def load_pretrained(path: str, *, dtype=jnp.float32):
     except json.JSONDecodeError as e:
       raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
   cfg = config_from_hf(hf, source=config_path)
+  if cfg.family == "mamba2":
+    from lcjax.interop import hf_mamba2
+
+    return hf_mamba2.load_weights(path, cfg, dtype=dtype), cfg
 
   files = _tensor_files(path)
   expected = list(_hf_names(cfg))
@@ -306,11 +318,16 @@ def save_pretrained(model, model_config, path: str, *, max_shard_bytes: int = 5 
   never left half-overwritten.
   """
   hf = config_to_hf(model_config)
-  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  tensors = {}
-  for name, lc_path, transpose in _hf_names(model_config):
-    array = np.asarray(jax.device_get(_get_path(pure, lc_path)), dtype=np.float32)
-    tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+  if model_config.get("family") == "mamba2":
+    from lcjax.interop import hf_mamba2
+
+    tensors = hf_mamba2.hf_tensors(model, model_config)
+  else:
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tensors = {}
+    for name, lc_path, transpose in _hf_names(model_config):
+      array = np.asarray(jax.device_get(_get_path(pure, lc_path)), dtype=np.float32)
+      tensors[name] = np.ascontiguousarray(array.T if transpose else array)
 
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0

@@ -7,7 +7,7 @@ from flax import nnx
 from lcjax.config import ConfigError
 from lcjax.models.config import llama_config, validate_model_config
 from lcjax.models.generate import generate
-from lcjax.models.mamba2 import Mamba2LM, mamba2_config
+from lcjax.models.mamba2 import Mamba2LM, mamba2_config, validate_mamba2_config
 from lcjax.models.transformer import LlamaLM
 
 __all__ = [
@@ -16,13 +16,23 @@ __all__ = [
   "llama_config",
   "mamba2_config",
   "validate_model_config",
+  "validate_model",
   "LlamaLM",
   "Mamba2LM",
   "FAMILIES",
 ]
 
-# family name → model class; a new family is one entry.
+# family name → model class and its config validation; a new family is one entry each.
 FAMILIES = {"llama": LlamaLM, "mamba2": Mamba2LM}
+VALIDATORS = {"llama": validate_model_config, "mamba2": validate_mamba2_config}
+
+
+def validate_model(model_config) -> None:
+  """Validates any family's model config (ConfigError naming the field and the fix)."""
+  family = model_config.get("family")
+  if family not in VALIDATORS:
+    raise ConfigError(f"model.family={family!r} is unknown; choose one of {sorted(FAMILIES)}")
+  VALIDATORS[family](model_config)
 
 
 def build_model(model_config, *, rngs: nnx.Rngs) -> nnx.Module:

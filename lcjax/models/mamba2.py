@@ -409,14 +409,27 @@ class Mamba2LM(nnx.Module):
     *,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    token_index: jax.Array | None = None,
     caches: list[Mamba2Cache] | None = None,
     cache_index: jax.Array | int = 0,
   ) -> tuple[jax.Array, list[Mamba2Cache] | None]:
     """Final normed hidden states [B,T,D] (and updated caches when decoding).
 
     `positions` and `cache_index` are accepted for the LlamaLM interface and unused.
+    `token_index` [B,T] (each token's index in the packed row, set by context-parallel
+    layouts) is undone before the scan, which needs row order, and reapplied after.
     """
     del positions, cache_index
+    if token_index is not None:
+      if caches is not None:
+        raise ValueError(
+          "token_index reorders a packed row; decoding with a cache does not take it"
+        )
+      index_BT = jnp.broadcast_to(jnp.asarray(token_index, jnp.int32), tokens_BT.shape)
+      slot_BT = jnp.argsort(index_BT, axis=1)  # the slot holding row position i
+      in_order = lambda a_BT: None if a_BT is None else jnp.take_along_axis(a_BT, slot_BT, axis=1)
+      h_BTD, _ = self.hidden_states(in_order(tokens_BT), segment_ids=in_order(segment_ids))
+      return jnp.take_along_axis(h_BTD, index_BT[..., None], axis=1), None
     x_BTD = self.embed_tokens(tokens_BT)
     if caches is None:
       run_layer = _remat_layer(self.remat)
@@ -436,8 +449,11 @@ class Mamba2LM(nnx.Module):
       return self.embed_tokens.attend(h_BTD).astype(jnp.float32)
     return self.lm_head(h_BTD).astype(jnp.float32)
 
-  def __call__(self, tokens_BT, *, positions=None, segment_ids=None) -> jax.Array:
-    h_BTD, _ = self.hidden_states(tokens_BT, positions=positions, segment_ids=segment_ids)
+  def __call__(self, tokens_BT, *, positions=None, segment_ids=None, token_index=None):
+    """Logits [B,T,V] in float32."""
+    h_BTD, _ = self.hidden_states(
+      tokens_BT, positions=positions, segment_ids=segment_ids, token_index=token_index
+    )
     return self.logits(h_BTD)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> list[Mamba2Cache]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import ml_collections
 
 from lcjax.config import require
-from lcjax.models.config import llama_config, validate_model_config
+from lcjax.models import validate_model
+from lcjax.models.config import llama_config
 from lcjax.parallel.mesh import validate_parallel_config
 
 __all__ = ["base_config", "validate_config", "model_config_for_run"]
@@ -63,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
 def model_config_for_run(config, hf_model_config=None):
   """The model config a run builds: config.model, or the checkpoint's plus model_overrides.
 
-  The attention section (impl, block sizes) always comes from config.attention.
+  The attention section (impl, block sizes) and the context strategy always come from
+  config.attention / config.parallel, for families that have attention.
   """
   cfg = (
     hf_model_config if hf_model_config is not None else config.model
@@ -72,19 +74,27 @@ def model_config_for_run(config, hf_model_config=None):
     for key, value in config.model_overrides.items():
       require(key in cfg, f"model_overrides.{key} is not a model field; known: {sorted(cfg)}")
       cfg[key] = value
-  cfg.attention_impl = config.attention.impl
-  cfg.attention_block_q = config.attention.block_q
-  cfg.attention_block_kv = config.attention.block_kv
-  cfg.context_strategy = config.parallel.context_strategy
+  runtime = dict(
+    attention_impl=config.attention.impl,
+    attention_block_q=config.attention.block_q,
+    attention_block_kv=config.attention.block_kv,
+    context_strategy=config.parallel.context_strategy,
+  )
+  for key, value in runtime.items():
+    if key in cfg:  # families without attention (mamba2) have none of these
+      cfg[key] = value
   return cfg
 
 
-def validate_config(config) -> None:
-  """Raises ConfigError (one sentence: field and fix) before anything is traced."""
+def validate_config(config, *, num_devices: int | None = None) -> None:
+  """Raises ConfigError (one sentence: field and fix) before anything is traced.
+
+  `num_devices`: the devices the mesh will span (default: all visible devices).
+  """
   from lcjax.data import validate_data_config
 
   if config.init_from is None:
-    validate_model_config(model_config_for_run(config))
+    validate_model(model_config_for_run(config))
   validate_data_config(config.data)
   t = config.train
   for name in ("steps", "batch_size", "grad_accum", "loss_chunk", "log_every"):
@@ -100,6 +110,7 @@ def validate_config(config) -> None:
     config.parallel,
     seq_len=config.data.seq_len,
     batch_size=t.batch_size // t.grad_accum,
+    num_devices=num_devices,
   )
   if config.init_from is not None:
     import os

@@ -36,6 +36,8 @@ __all__ = [
 def model_with_rope(params, model_cfg, rope: dict | None):
   """The model with `params` and, if given, another `rope` dict (same parameters)."""
   cfg = model_cfg.copy_and_resolve_references()
+  if rope is not None and "rope" not in cfg:
+    raise ValueError(f"model.family={cfg.family!r} has no RoPE to swap")
   if rope is not None:
     cfg.rope = dict(rope)
     if "max_position_embeddings" in rope:
@@ -64,7 +66,9 @@ def final_evaluations(config, workdir, graphdef, params, model_cfg, step) -> dic
   lines: dict[str, float] = {}
   if ev.ppl_lengths:
     docs = lcdata.make_eval_documents(config.data, split="validation", max_documents=None)
-    variants = {"trained": None, **{k: dict(v) for k, v in ev.rope_variants.items()}}
+    variants = {"trained": None}
+    if "rope" in model_cfg:  # RoPE variants apply to attention families only
+      variants.update({k: dict(v) for k, v in ev.rope_variants.items()})
     results = {}
     for name, rope in variants.items():
       model = model_with_rope(params, model_cfg, rope)

@@ -33,9 +33,11 @@ _PEAKS = {
 
 
 def flops_per_token(model_config, n_params: int, seq_len: int) -> float:
-  """Training FLOPs per token: 6·(non-embedding params) + 6·L·H·D·T."""
+  """Training FLOPs per token: 6·(non-embedding params) + 6·L·H·D·T (attention families)."""
   embed = model_config.vocab_size * model_config.d_model
   non_embedding = n_params - embed  # the output head is a matmul and stays counted
+  if "num_heads" not in model_config:  # attention-free families (mamba2)
+    return 6.0 * non_embedding
   attn = 6 * model_config.num_layers * model_config.num_heads * head_dim(model_config) * seq_len
   return 6.0 * non_embedding + attn
 
