@@ -21,6 +21,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config.json, metric
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_COMPILE_ONLY = flags.DEFINE_bool(
+  "compile_only", False, "compile the train step for --topology and print memory; no training"
+)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology for --compile_only, e.g. v5p:4x4x4")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,6 +39,13 @@ def main(argv) -> int:
   maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   try:
+    if _COMPILE_ONLY.value:
+      from lcjax.train.aot import compile_train_step, format_report
+
+      if not _TOPOLOGY.value:
+        raise ConfigError("--compile_only needs --topology, e.g. --topology v5p:4x4x4")
+      print(format_report(compile_train_step(_CONFIG.value, _TOPOLOGY.value)))
+      return 0
     train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

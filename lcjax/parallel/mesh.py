@@ -139,7 +139,15 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   sizes = mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[axis] for axis in MESH_AXES)
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  except NotImplementedError:
+    # A logical axis that is no product of whole physical torus axes (e.g. 8 on a 4x4x4
+    # v5p slice): split physical axes rather than refuse the mesh.
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(

@@ -1,0 +1,74 @@
+"""Llama-3-8B continual pretraining at long context with context parallelism (ABF-style).
+
+On a pod (checkpoint from Hugging Face, your tokenized data):
+  python scripts/train.py --config configs/llama3_8b_long.py --workdir gs://BUCKET/run \
+      --config.init_from=/models/Meta-Llama-3-8B --config.data.source.path='/data/*.jsonl.gz'
+Check that it fits before paying for it (CPU host with libtpu, no TPU needed):
+  python scripts/train.py --config configs/llama3_8b_long.py --workdir /tmp/aot \
+      --compile_only --topology v5p:4x4x4
+Shrunk for a laptop CPU (same code path, 8 fake devices for the mesh):
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+  python scripts/train.py --config configs/llama3_8b_long.py:runlocal --workdir /tmp/l3
+Arguments: seq_len (default 131072), context (mesh.context, default 8), fsdp (default 8),
+rope_theta (default 8e6: ABF base for 128K, Xiong et al. 2023), runlocal.
+"""
+
+from lcjax.config import parse_arg
+from lcjax.train.config import base_config
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, seq_len=131072, context=8, fsdp=8, rope_theta=8e6, runlocal=False)
+  c = base_config()
+  T = arg.seq_len
+  c.model.update(
+    vocab_size=128256,
+    d_model=4096,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    mlp_dim=14336,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=T,
+    rope=dict(rope_type="abf", rope_theta=arg.rope_theta, max_position_embeddings=T),
+    dtype="bfloat16",
+    remat="full",
+  )
+  c.data.update(seq_len=T, position_scheme="per_document")
+  c.data.tokenizer = dict(kind="byte")  # set kind=hf and path= with a real checkpoint
+  c.attention.update(block_q=512, block_kv=512)
+  c.mesh.update(data=1, fsdp=arg.fsdp, tensor=1, context=arg.context)
+  c.parallel.update(context_strategy="ring", layout="zigzag")
+  c.train.update(
+    steps=1000,
+    batch_size=arg.fsdp,
+    lr=2e-5,
+    warmup_steps=100,
+    loss_chunk=4096,
+    weight_decay=0.1,
+    log_every=1,
+  )
+  c.checkpoint.update(every_steps=100, keep=3)
+  c.eval.update(every_steps=0, ppl_lengths=(T // 4, T // 2, T))
+  if arg.runlocal:
+    T = 512
+    c.model.update(
+      vocab_size=384,
+      d_model=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      mlp_dim=128,
+      max_position_embeddings=T,
+      dtype="float32",
+      rope=dict(rope_type="abf", rope_theta=arg.rope_theta, max_position_embeddings=T),
+    )
+    c.data.seq_len = T
+    c.attention.update(block_q=32, block_kv=32)
+    c.mesh.update(fsdp=2, context=4)
+    c.train.update(steps=20, batch_size=2, warmup_steps=2, loss_chunk=256, lr=1e-3)
+    c.checkpoint.every_steps = 10
+    c.eval.update(ppl_lengths=(T, 2 * T), ppl_max_documents=2)
+  return c

@@ -1,0 +1,155 @@
+"""Ahead-of-time compilation of a training step for a TPU topology, from a CPU host.
+
+With `libtpu` installed, `jax.experimental.topologies.get_topology_desc` returns TPU
+devices that XLA compiles for without hardware: the full train step (ring attention,
+FSDP/tensor sharding, AdamW) is lowered on the config's mesh over those devices, and
+`memory_analysis()` / `cost_analysis()` say what each chip would hold and compute.
+This is how a pod run is checked before paying for it:
+
+  python scripts/train.py --config configs/NAME.py --workdir /tmp/aot \
+      --compile_only --topology v5p:4x4x4
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcjax.config import ConfigError
+from lcjax.models import build_model
+from lcjax.parallel.mesh import make_mesh
+from lcjax.parallel.sharding import batch_sharding, tree_shardings
+from lcjax.train.config import model_config_for_run, validate_config
+from lcjax.train.optim import make_optimizer
+from lcjax.train.step import init_state, make_train_step
+
+__all__ = ["compile_train_step", "HBM_BYTES", "topology_devices"]
+
+GiB = 2**30
+# HBM per chip (vendor figures), by the device_kind prefix the topology reports.
+HBM_BYTES = {
+  "TPU v5 lite": 16 * GiB,
+  "TPU v5e": 16 * GiB,
+  "TPU v5": 95 * GiB,  # v5p
+  "TPU v4": 32 * GiB,
+  "TPU v6 lite": 32 * GiB,
+  "TPU v6e": 32 * GiB,
+}
+
+
+def topology_devices(topology: str):
+  """TPU devices of a topology such as 'v5p:4x4x4' (needs libtpu; no TPU hardware)."""
+  try:
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown topology name
+    raise ConfigError(
+      f"--topology {topology!r} could not be built ({type(e).__name__}: {str(e)[:200]}); install "
+      "libtpu (pip install -e '.[tpu_aot]') and use a name like v5p:2x2x1 or v5e:4x4"
+    ) from None
+
+
+def _hbm(device) -> int | None:
+  for prefix, size in HBM_BYTES.items():
+    if device.device_kind.startswith(prefix):
+      return size
+  return None
+
+
+def compile_train_step(config, topology: str) -> dict[str, Any]:
+  """Compiles `config`'s train step for `topology`; returns per-device memory and FLOPs.
+
+  Raises ConfigError when the per-device total exceeds the chip's HBM.
+  """
+  devices = topology_devices(topology)
+  validate_config(config, num_devices=len(devices))
+  mesh = make_mesh(config.mesh, devices=devices)
+  model_cfg = model_config_for_run(config)
+  abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(abstract_model, nnx.Param)
+  tx, schedule = make_optimizer(config.train, nnx.to_pure_dict(params))
+  abstract_state = jax.eval_shape(
+    lambda: init_state(build_model(model_cfg, rngs=nnx.Rngs(0)), tx, 0)
+  )
+  shardings = tree_shardings(abstract_state, mesh)
+  state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
+  )
+  rows, seq_len = config.train.batch_size, config.data.seq_len
+  spec = batch_sharding(mesh)
+  batch = {
+    k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=spec)
+    for k in ("tokens", "targets", "segment_ids", "positions")
+  }
+  batch["loss_weights"] = jax.ShapeDtypeStruct((rows, seq_len), jnp.float32, sharding=spec)
+  if mesh.shape["context"] > 1:
+    batch["token_index"] = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=spec)
+  step = make_train_step(
+    graphdef,
+    tx,
+    schedule,
+    grad_accum=config.train.grad_accum,
+    loss_chunk=config.train.loss_chunk,
+  )
+  with jax.set_mesh(mesh):
+    try:
+      compiled = step.lower(state, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      detail = str(e).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
+      raise ConfigError(
+        f"the train step does not fit a {devices[0].device_kind} ({detail}); raise mesh.fsdp or "
+        "mesh.context, set model.remat=full, or lower train.batch_size"
+      ) from None
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  per_device = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    + mem.temp_size_in_bytes
+    - mem.alias_size_in_bytes
+  )
+  hbm = _hbm(devices[0])
+  report = dict(
+    topology=topology,
+    device_kind=devices[0].device_kind,
+    devices=len(devices),
+    mesh=dict(mesh.shape),
+    n_params=sum(x.size for x in jax.tree.leaves(params)),
+    tokens_per_step=rows * seq_len,
+    argument_bytes=mem.argument_size_in_bytes,
+    output_bytes=mem.output_size_in_bytes,
+    alias_bytes=mem.alias_size_in_bytes,
+    temp_bytes=mem.temp_size_in_bytes,
+    per_device_bytes=per_device,
+    hbm_bytes=hbm,
+    flops_per_device=float(cost.get("flops", 0.0)) if cost else None,
+  )
+  if hbm is not None and per_device > hbm:
+    raise ConfigError(
+      f"the train step needs {per_device / GiB:.1f} GiB per device but a {devices[0].device_kind} "
+      f"has {hbm / GiB:.0f} GiB; raise mesh.fsdp or mesh.context, set model.remat=full, or "
+      "lower train.batch_size"
+    )
+  return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+  gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+  lines = [
+    f"compiled for {report['topology']} ({report['devices']} x {report['device_kind']}), "
+    f"mesh {report['mesh']}",
+    f"  params {report['n_params']:,}; tokens per step {report['tokens_per_step']:,}",
+    f"  per device: arguments {gib(report['argument_bytes'])}, temp {gib(report['temp_bytes'])}, "
+    f"total {gib(report['per_device_bytes'])}"
+    + (f" of {gib(report['hbm_bytes'])} HBM" if report["hbm_bytes"] else ""),
+  ]
+  if report["flops_per_device"]:
+    lines.append(f"  FLOPs per device per step: {report['flops_per_device']:.3e}")
+  return "\n".join(lines)
