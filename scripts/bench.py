@@ -2,6 +2,8 @@
 
   python scripts/bench.py train       # training-step tokens/s, CPU-MFU, ratio to transformers+torch
   python scripts/bench.py attention   # blockwise vs reference attention: compiled memory and time
+  python scripts/bench.py memory      # per-device train-step memory vs length and context size,
+                                      # and ring work imbalance per layout (8 CPU devices)
   python scripts/bench.py             # all of the above
 
 Times are medians over repeated steps after compilation. MFU uses the PaLM
@@ -206,11 +208,66 @@ def bench_attention(repeats: int) -> None:
     print(f"{T:>7}{mem['reference']:>14.1f}{mem['blockwise']:>15.1f}{ratio:>8.4f}{timing}")
 
 
+def _memory_config(T: int, context: int):
+  import importlib.util
+  import os
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+    "qs", os.path.join(root, "configs", "quickstart.py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(f"seq_len={T}")
+  c.model.update(max_position_embeddings=T, remat="full")
+  c.model.rope.max_position_embeddings = T
+  c.attention.update(block_q=512, block_kv=512)
+  c.train.update(batch_size=1, loss_chunk=1024)
+  c.mesh.update(data=1, fsdp=1, tensor=1, context=context)
+  c.parallel.update(layout="zigzag", context_strategy="ring")
+  return c
+
+
+def bench_memory() -> None:
+  import os
+  import subprocess
+
+  if jax.device_count() < 8:  # the mesh needs 8 devices: rerun with 8 fake CPU devices
+    env = {
+      **os.environ,
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+      "JAX_PLATFORMS": "cpu",
+    }
+    subprocess.run([sys.executable, __file__, "memory"], env=env, check=True)
+    return
+  from lcjax.parallel.layouts import LAYOUTS, work_imbalance
+  from lcjax.train.aot import compile_train_step
+
+  print("per-device memory of a training step (quickstart model, remat=full, batch 1, zigzag ring,")
+  print("block 512; compiled memory_analysis on CPU devices):")
+  print(f"{'T':>8}{'context':>9}{'tokens/dev':>12}{'temp MiB':>11}{'args MiB':>10}")
+  temp = {}
+  for T, W in ((8192, 1), (16384, 2), (32768, 4), (65536, 8), (65536, 1)):
+    report = compile_train_step(_memory_config(T, W), devices=jax.devices()[:W])
+    temp[T, W] = report["temp_bytes"] / 2**20
+    print(f"{T:>8}{W:>9}{T // W:>12}{temp[T, W]:>11.1f}{report['argument_bytes'] / 2**20:>10.1f}")
+  ratio = temp[65536, 8] / temp[8192, 1]
+  print(f"T=64K over 8 devices: {ratio:.2f}x the per-device temp memory of T=8K on one device")
+  print()
+  print("ring work imbalance (max device work / mean, summed over ring steps; causal, block 512):")
+  print(f"{'W':>4}" + "".join(f"{layout:>12}" for layout in LAYOUTS))
+  for W in (2, 4, 8):
+    row = "".join(f"{work_imbalance(65536, W, layout, 512):>12.3f}" for layout in LAYOUTS)
+    print(f"{W:>4}{row}")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawTextHelpFormatter
   )
-  parser.add_argument("what", nargs="?", default="all", choices=("all", "train", "attention"))
+  parser.add_argument(
+    "what", nargs="?", default="all", choices=("all", "train", "attention", "memory")
+  )
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__} on {jax.default_backend()}: {jax.devices()[0].device_kind}")
@@ -218,6 +275,8 @@ def main(argv=None) -> int:
     bench_train(args.repeats)
   if args.what in ("all", "attention"):
     bench_attention(args.repeats)
+  if args.what in ("all", "memory"):
+    bench_memory()
   return 0
 
 

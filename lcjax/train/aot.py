@@ -60,12 +60,13 @@ def _hbm(device) -> int | None:
   return None
 
 
-def compile_train_step(config, topology: str) -> dict[str, Any]:
-  """Compiles `config`'s train step for `topology`; returns per-device memory and FLOPs.
+def compile_train_step(config, topology: str | None = None, *, devices=None) -> dict[str, Any]:
+  """Compiles `config`'s train step for `topology` (or `devices`); returns memory and FLOPs.
 
   Raises ConfigError when the per-device total exceeds the chip's HBM.
   """
-  devices = topology_devices(topology)
+  if devices is None:
+    devices = topology_devices(topology)
   validate_config(config, num_devices=len(devices))
   mesh = make_mesh(config.mesh, devices=devices)
   model_cfg = model_config_for_run(config)
@@ -117,7 +118,7 @@ def compile_train_step(config, topology: str) -> dict[str, Any]:
   )
   hbm = _hbm(devices[0])
   report = dict(
-    topology=topology,
+    topology=topology or devices[0].platform,
     device_kind=devices[0].device_kind,
     devices=len(devices),
     mesh=dict(mesh.shape),
