@@ -1,0 +1,27 @@
+"""Pallas kernels with custom VJPs: block-sparse flash attention and AnchorAttention.
+
+out_BTHD, lse_BHT = block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, mask=MaskSpec(...))
+
+Each kernel's pure-JAX twin is `lcjax.attention.blockwise_attention_with_lse` (same
+signature and semantics). On CPU the kernels run in Pallas interpret mode, chosen at
+call time; on TPU and GPU the lowering is chosen by the platform.
+"""
+
+from pallas_kernels.anchor_attention import ANCHOR_MASK, anchor_attention
+from pallas_kernels.block_sparse_attention import (
+  block_sparse_attention,
+  block_sparse_tables,
+  default_interpret,
+)
+from pallas_kernels.block_tables import BlockTables, block_tables, visited_blocks
+
+__all__ = [
+  "ANCHOR_MASK",
+  "BlockTables",
+  "anchor_attention",
+  "block_sparse_attention",
+  "block_sparse_tables",
+  "block_tables",
+  "default_interpret",
+  "visited_blocks",
+]

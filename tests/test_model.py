@@ -34,7 +34,7 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(logits, ref(jnp.ones((1, 8), jnp.int32)), atol=5e-2)
 
 
-@pytest.mark.parametrize("impl", ["reference", "blockwise"])
+@pytest.mark.parametrize("impl", ["reference", "blockwise", "pallas"])
 def test_packed_documents_equal_separate_documents(impl):
   """Document masking + per-document positions make a packed row equal separate rows."""
   model, _ = _model(attention_impl=impl, attention_block_q=8, attention_block_kv=8)

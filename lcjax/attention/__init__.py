@@ -6,6 +6,8 @@ out_BTHD = dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=MaskSpec(document=
 
 from __future__ import annotations
 
+import logging
+
 import jax
 
 from lcjax.attention.blockwise import (
@@ -35,7 +37,10 @@ __all__ = [
 ]
 
 IMPLS = ("auto", "reference", "blockwise", "pallas")
-_AUTO_IMPL = {"cpu": "blockwise"}  # platform -> impl that "auto" runs
+# platform -> impl that "auto" runs: the Pallas kernels on accelerators, the pure-JAX
+# twin on CPU (where Pallas only runs in its slow interpret mode).
+_AUTO_IMPL = {"cpu": "blockwise", "tpu": "pallas", "gpu": "pallas", "cuda": "pallas"}
+_interpret_notice_shown = False
 
 
 def _platform(x: jax.Array) -> str:
@@ -50,13 +55,7 @@ def resolve_impl(impl: str, q_BTHD: jax.Array) -> str:
   """Maps `impl` to the implementation that will run; never chosen at import time."""
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r} is not an attention implementation; use one of {IMPLS}")
-  if impl == "pallas":
-    raise NotImplementedError(
-      "impl='pallas' is not built yet: the Pallas kernels land with the kernels issue; use "
-      "impl='blockwise' (CPU) or 'reference'"
-    )
   if impl == "auto":
-    # TPU and GPU get "pallas" here when the kernels land; until then blockwise everywhere.
     return _AUTO_IMPL.get(_platform(q_BTHD), "blockwise")
   return impl
 
@@ -89,7 +88,9 @@ def dot_product_attention(
       token's index in the packed row (not its RoPE position); default arange, and kv
       defaults to q when T == S.
     impl: "reference" (materialized scores, the oracle), "blockwise" (pure-JAX flash
-      attention that skips empty blocks), "pallas" (not built yet) or "auto".
+      attention that skips empty blocks), "pallas" (`pallas_kernels.block_sparse_attention`:
+      Mosaic on TPU, Triton on GPU, interpret mode on CPU with a one-time notice) or
+      "auto" (pallas on TPU/GPU, blockwise on CPU; decided per call, never at import).
     scale: score scale, default 1/sqrt(D).
     block_q, block_kv: block sizes of the blockwise impl (clipped to T and S).
 
@@ -107,4 +108,24 @@ def dot_product_attention(
   )
   if impl == "reference":
     return reference_attention(q_BTHD, k_BSKD, v_BSKD, **kwargs)
+  if impl == "pallas":
+    return _pallas_attention(q_BTHD, k_BSKD, v_BSKD, block_q, block_kv, kwargs)
   return blockwise_attention(q_BTHD, k_BSKD, v_BSKD, block_q=block_q, block_kv=block_kv, **kwargs)
+
+
+def _pallas_attention(q_BTHD, k_BSKD, v_BSKD, block_q, block_kv, kwargs):
+  from pallas_kernels import block_sparse_attention
+  from pallas_kernels.block_sparse_attention import default_interpret
+
+  global _interpret_notice_shown
+  interpret = default_interpret(q_BTHD)
+  if interpret and not _interpret_notice_shown:
+    _interpret_notice_shown = True
+    logging.getLogger(__name__).warning(
+      "impl='pallas' on CPU runs the kernels in Pallas interpret mode (slow; for testing); "
+      "impl='blockwise' is the fast CPU path"
+    )
+  out_BTHD, _ = block_sparse_attention(
+    q_BTHD, k_BSKD, v_BSKD, block_q=block_q, block_kv=block_kv, interpret=interpret, **kwargs
+  )
+  return out_BTHD
