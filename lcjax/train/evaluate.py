@@ -56,11 +56,10 @@ def format_ppl_table(results: dict[str, list[dict]], train_len: int) -> str:
   return "\n".join(lines)
 
 
-def final_evaluations(config, workdir, graphdef, params, model_cfg, step) -> dict[str, Any]:
+def final_evaluations(config, workdir, params, model_cfg, step) -> dict[str, Any]:
   """Runs the configured evaluations on `params`; returns what it wrote."""
   from lcjax import data as lcdata
 
-  del graphdef
   out: dict[str, Any] = {}
   ev = config.eval
   lines: dict[str, float] = {}
@@ -145,4 +144,4 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
   """Restores the newest checkpoint in `workdir` and runs `final_evaluations` on it."""
   params, model_cfg, step = load_trained(config, workdir)
   print(f"evaluating {workdir}/checkpoints/{step}")
-  return final_evaluations(config, workdir, None, params, model_cfg, step)
+  return final_evaluations(config, workdir, params, model_cfg, step)

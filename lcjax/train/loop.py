@@ -134,22 +134,19 @@ def train(config, workdir: str) -> dict[str, Any]:
   if restored is not None:
     start_step, state, data_states = restored
     data_iter.set_state(data_states[str(jax.process_index())])
-    progress_note = f"resumed from {checkpointer.directory}/{start_step}"
     if primary:
-      print(progress_note)
+      print(f"resumed from {checkpointer.directory}/{start_step}")
 
   # FSDP / tensor-parallel shardings from the path rules; rows over (data, fsdp), the
   # sequence over context (in the layout's order).
   state = jax.device_put(state, tree_shardings(state, mesh))
   prepare = _batch_preparer(mesh, config.parallel.layout)
-  document_mask = config.data.get("document_mask", True)
   train_step = make_train_step(
     graphdef,
     tx,
     schedule,
     grad_accum=config.train.grad_accum,
     loss_chunk=config.train.loss_chunk,
-    document_mask=document_mask,
   )
   eval_step = make_eval_step(graphdef, loss_chunk=config.train.loss_chunk)
   seq_len = config.data.seq_len
@@ -209,7 +206,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   elif step >= config.train.steps:
     from lcjax.train.evaluate import final_evaluations
 
-    final_evaluations(config, workdir, graphdef, state["params"], model_cfg, step)
+    final_evaluations(config, workdir, state["params"], model_cfg, step)
   return last
 
 
