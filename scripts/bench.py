@@ -1,7 +1,8 @@
 """Benchmarks; every figure is a ratio measured in this one process.
 
   python scripts/bench.py train       # training-step tokens/s, CPU-MFU, ratio to transformers+torch
-  python scripts/bench.py attention   # blockwise vs reference attention: compiled memory and time
+  python scripts/bench.py attention   # block density per mask (Pallas tables); blockwise vs
+                                      # reference attention: compiled memory and time
   python scripts/bench.py memory      # per-device train-step memory vs length and context size,
                                       # and ring work imbalance per layout (8 CPU devices)
   python scripts/bench.py             # all of the above
@@ -175,7 +176,19 @@ def bench_train(repeats: int) -> None:
 
 
 def bench_attention(repeats: int) -> None:
+  import importlib.util
+  import os
+
   from lcjax.attention import MaskSpec, dot_product_attention
+
+  # Block density of each mask family from the Pallas kernels' tables (and, on an
+  # accelerator, kernel TFLOP/s against jax.nn.dot_product_attention).
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_attention_blocks.py")
+  spec = importlib.util.spec_from_file_location("bench_attention_blocks", path)
+  blocks = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(blocks)
+  blocks.main([])
+  print()
 
   mask = MaskSpec(causal=True)
   print(

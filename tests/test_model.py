@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lcjax.attention import MaskSpec
 from lcjax.config import ConfigError
 from lcjax.models import build_model, generate, llama_config
+from lcjax.models.config import longgen_layer_types
 
 
 def _model(seed=0, **overrides):
@@ -162,3 +164,122 @@ def test_permuted_rows_with_token_index_give_permuted_logits():
   np.testing.assert_allclose(got, want[:, perm], atol=1e-5)
   wrong = model(tokens[:, perm], positions=positions[:, perm], segment_ids=segment_ids[:, perm])
   assert np.max(np.abs(wrong - want[:, perm])) > 1e-3  # without token_index, masks break
+
+
+SPARSE = "sink_window_attention"
+
+
+def test_longgen_layer_types_put_full_attention_in_the_middle_third():
+  """LongGen (Ge et al. 2024): full attention in the middle third, sparse layers around."""
+  S, F = SPARSE, "full_attention"
+  assert longgen_layer_types(6) == (S, S, F, F, S, S)
+  assert longgen_layer_types(3) == (S, F, S)
+  assert longgen_layer_types(4) == (S, F, S, S)  # round(4/3) = 1 full layer
+  assert longgen_layer_types(1) == (F,)
+  assert longgen_layer_types(4, full_fraction=0.0) == (S,) * 4
+  assert longgen_layer_types(2, sparse="sliding_attention") == (
+    "full_attention",
+    "sliding_attention",
+  )
+  with pytest.raises(ValueError, match="full_fraction=1.5"):
+    longgen_layer_types(6, full_fraction=1.5)
+  with pytest.raises(ValueError, match="num_layers=0"):
+    longgen_layer_types(0)
+  with pytest.raises(ValueError, match="sparse='full_attention'"):
+    longgen_layer_types(6, sparse="full_attention")
+
+
+def _manual_logits(model, tokens_BT, masks):
+  """The model's forward with an explicit MaskSpec per layer (reference attention)."""
+  B, T = tokens_BT.shape
+  index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  rope = model.rope_tables(index_BT)
+  x_BTD = model.embed_tokens(jnp.asarray(tokens_BT))
+  for layer, mask in zip(model.layers, masks, strict=True):
+    layer.self_attn.impl = "reference"
+    attn_BTD, _ = layer.self_attn(
+      layer.input_layernorm(x_BTD), rope, mask=mask, segment_ids_BT=None, q_index_BT=index_BT
+    )
+    x_BTD = x_BTD + attn_BTD
+    x_BTD = x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
+  return model.logits(model.norm(x_BTD))
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+def test_longgen_hybrid_model_equals_per_layer_masks(impl):
+  """Sparse layers see the last `sparse_window` keys plus `sparse_sinks` sinks, full
+  layers everything: the hybrid model equals a forward built from those masks."""
+  hybrid = dict(num_layers=3, layer_types=longgen_layer_types(3), sparse_window=4, sparse_sinks=2)
+  blocks = dict(attention_block_q=8, attention_block_kv=8)
+  model, _ = _model(attention_impl=impl, initializer_range=0.1, **hybrid, **blocks)
+  tokens = np.random.default_rng(1).integers(0, 384, size=(2, 20))
+  got = model(tokens)
+  sparse, full = MaskSpec(causal=True, window=4, sinks=2), MaskSpec(causal=True)
+  want = _manual_logits(model, tokens, [sparse, full, sparse])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # The window matters: with an all-full stack (same parameters) the logits differ.
+  dense, _ = _model(initializer_range=0.1, **{**hybrid, "layer_types": None}, **blocks)
+  assert np.max(np.abs(dense(tokens) - got)) > 1e-3
+
+
+def test_window_changes_only_the_sparse_layers():
+  """A window that covers the whole row makes the sparse layers full: the hybrid then
+  equals the dense model with the same parameters; the sinks change nothing there."""
+  tokens = np.random.default_rng(2).integers(0, 384, size=(1, 12))
+  kw = dict(num_layers=3, initializer_range=0.1)
+  dense, _ = _model(**kw)
+  wide, _ = _model(**kw, layer_types=longgen_layer_types(3), sparse_window=12, sparse_sinks=3)
+  np.testing.assert_allclose(wide(tokens), dense(tokens), atol=1e-5)
+  narrow, _ = _model(**kw, layer_types=longgen_layer_types(3), sparse_window=3, sparse_sinks=3)
+  assert np.max(np.abs(narrow(tokens) - dense(tokens))) > 1e-3
+  assert [layer.window for layer in narrow.layers] == [3, None, 3]
+  assert [layer.sinks for layer in narrow.layers] == [3, 0, 3]
+
+
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
+    (dict(layer_types=(SPARSE, "full_attention")), "model.sparse_window is not a positive"),
+    (dict(layer_types=(SPARSE, SPARSE), sparse_window=0), "model.sparse_window is not a positive"),
+    (dict(sparse_sinks=-1), "model.sparse_sinks=-1"),
+    (dict(layer_types=("strided_attention",) * 2), "'strided_attention' is unknown"),
+  ],
+)
+def test_bad_sparse_layer_config_is_one_clear_error(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    _model(**overrides)
+
+
+@pytest.mark.parametrize("hf_model_type", ["llama", "qwen2"])
+def test_hf_export_refuses_sink_window_layers(hf_model_type):
+  """transformers has no sink + window layer: exporting one must fail, not silently
+  write a full-attention (llama) or unknown-layer (qwen2) config."""
+  from lcjax.interop.hf import config_to_hf
+
+  bias = dict(qkv_bias=True) if hf_model_type == "qwen2" else {}
+  _, cfg = _model(
+    hf_model_type=hf_model_type,
+    num_layers=3,
+    layer_types=longgen_layer_types(3),
+    sparse_window=4,
+    **bias,
+  )
+  with pytest.raises(ValueError, match="sink_window_attention"):
+    config_to_hf(cfg)
+
+
+def test_context_parallel_hybrid_with_pallas_ring_steps():
+  """Under a mesh with context=2, impl="pallas" runs every ring step through the kernels
+  (interpret mode on CPU); the hybrid model's logits equal the single-device reference."""
+  from lcjax.parallel import make_mesh
+
+  kw = dict(num_layers=3, layer_types=longgen_layer_types(3), sparse_window=5, sparse_sinks=2)
+  blocks = dict(attention_block_q=8, attention_block_kv=8, initializer_range=0.1)
+  model, _ = _model(attention_impl="pallas", **kw, **blocks)
+  reference, _ = _model(attention_impl="reference", **kw, **blocks)
+  tokens = np.random.default_rng(4).integers(0, 384, size=(2, 16))
+  segment_ids = np.array([[1] * 6 + [2] * 10, [1] * 16])
+  want = reference(tokens, segment_ids=segment_ids)
+  with jax.set_mesh(make_mesh(dict(data=1, context=2), devices=jax.devices()[:2])):
+    got = jax.jit(lambda t, s: model(t, segment_ids=s))(tokens, segment_ids)
+  np.testing.assert_allclose(got, want, atol=1e-5)

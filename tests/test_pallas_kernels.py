@@ -372,3 +372,35 @@ def test_compiles_for_tpu_topology():
 def test_compiles_for_tpu_topology_at_32k():
   """The pipelined TPU kernels hold one block per operand in VMEM, so T=32K compiles."""
   _compile_for_tpu(32768)
+
+
+def test_fwd_and_bwd_entry_points_match_blockwise_twins():
+  """block_sparse_fwd / block_sparse_bwd (ring attention's "pallas" step routine) ==
+  blockwise_fwd / blockwise_bwd: float32 outputs, keys split in two and the backward
+  taken against the *global* out and lse with an lse cotangent, as the ring does.
+
+  GQA, T = 90 (not a multiple of 16, so padded query rows carry lse -inf), head dim
+  24 (zero-padded to 32), documents starting mid-block. Same fp32 tolerance as above.
+  """
+  from lcjax.attention.blockwise import blockwise_bwd, blockwise_fwd
+  from pallas_kernels import block_sparse_bwd, block_sparse_fwd
+
+  T, half = 90, 45  # equal halves share one compilation
+  q, k, v, (w_out, w_lse) = random_qkv(7, 2, T, T, 4, 2, 24)
+  seg = packed_rows(T, [[7, 20, 30, 33], [50, 40]])
+  mask = MaskSpec(document=True)
+  kw = dict(mask=mask, q_segment_ids=seg, kv_segment_ids=seg, **BLOCK)
+  out, lse = block_sparse_fwd(q, k, v, interpret=True, **kw)
+  out_t, lse_t = blockwise_fwd(q, k, v, **kw)
+  assert out.dtype == jnp.float32 and lse.shape == (2, 4, T)
+  np.testing.assert_allclose(out, out_t, **FP32_TOL)
+  np.testing.assert_allclose(lse, lse_t, **FP32_TOL)
+  pos = np.arange(T)
+  for part in (slice(0, half), slice(half, T)):
+    part_kw = dict(kw, kv_segment_ids=seg[:, part], kv_positions=pos[part], dlse_BHT=w_lse)
+    args = (q, k[:, part], v[:, part], out, lse, w_out)
+    got = block_sparse_bwd(*args, interpret=True, **part_kw)
+    want = blockwise_bwd(*args, **part_kw)
+    for name, g, g_t in zip(("dq", "dk", "dv"), got, want, strict=True):
+      assert g.dtype == jnp.float32 and g.shape == g_t.shape
+      np.testing.assert_allclose(g, g_t, **FP32_TOL, err_msg=name)

@@ -128,6 +128,12 @@ def config_to_hf(cfg) -> dict[str, Any]:
     return hf_mamba2.config_to_hf(cfg)
   model_type = cfg.hf_model_type
   kinds = list(layer_types(cfg))
+  unsupported = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+  if unsupported:
+    raise CheckpointError(
+      f"model.layer_types uses {unsupported}, which transformers has no layer for; export a "
+      "model with only full_attention/sliding_attention layers"
+    )
   hf: dict[str, Any] = dict(
     model_type=model_type,
     architectures=[_ARCHITECTURES[model_type]],

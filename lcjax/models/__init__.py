@@ -5,7 +5,7 @@ from __future__ import annotations
 from flax import nnx
 
 from lcjax.config import ConfigError
-from lcjax.models.config import llama_config, validate_model_config
+from lcjax.models.config import llama_config, longgen_layer_types, validate_model_config
 from lcjax.models.generate import generate
 from lcjax.models.mamba2 import Mamba2LM, mamba2_config, validate_mamba2_config
 from lcjax.models.transformer import LlamaLM
@@ -14,6 +14,7 @@ __all__ = [
   "build_model",
   "generate",
   "llama_config",
+  "longgen_layer_types",
   "mamba2_config",
   "validate_model_config",
   "validate_model",

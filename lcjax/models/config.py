@@ -13,11 +13,22 @@ import ml_collections
 from lcjax.config import ConfigError, require
 from lcjax.positional.rope import validate_rope_parameters
 
-__all__ = ["llama_config", "validate_model_config", "layer_types", "head_dim", "LAYER_TYPES"]
+__all__ = [
+  "llama_config",
+  "validate_model_config",
+  "layer_types",
+  "longgen_layer_types",
+  "head_dim",
+  "LAYER_TYPES",
+]
 
-# Per-layer attention kinds (Hugging Face `layer_types` names). Later issues add
-# sparse kinds (LongGen) and "mamba2" layers through the same field.
-LAYER_TYPES = ("full_attention", "sliding_attention")
+# Per-layer attention kinds. "full_attention" and "sliding_attention" are the Hugging
+# Face `layer_types` names (sliding: the last `sliding_window` keys). The lcjax-only
+# "sink_window_attention" is LongGen's sparse layer (Ge et al. 2024, "A Little Goes a
+# Long Way: Efficient Long Context Training and Inference with Partial Contexts"): the
+# last `sparse_window` keys plus the first `sparse_sinks` tokens of the row (attention
+# sinks), a `MaskSpec(window=..., sinks=...)` that the block-sparse kernels skip blocks of.
+LAYER_TYPES = ("full_attention", "sliding_attention", "sink_window_attention")
 # Activation checkpointing per decoder layer: none, full (recompute everything), or
 # dots (keep matmul outputs without batch dims, recompute the rest).
 REMAT_POLICIES = ("none", "full", "dots")
@@ -49,6 +60,8 @@ def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
       tie_embeddings=False,
       sliding_window=ml_collections.config_dict.placeholder(int),  # Mistral / Qwen2
       layer_types=ml_collections.config_dict.placeholder(tuple),  # None: derived
+      sparse_window=ml_collections.config_dict.placeholder(int),  # sink_window_attention
+      sparse_sinks=0,  # sink_window_attention: first tokens of the row always visible
       anchor=False,  # AnchorAttention: key 0 visible to every document
       dtype="auto",  # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
       remat="none",  # none | full | dots (save matmul outputs): activation checkpointing per layer
@@ -83,6 +96,35 @@ def layer_types(cfg) -> tuple[str, ...]:
   return (kind,) * cfg.num_layers
 
 
+def longgen_layer_types(
+  num_layers: int, full_fraction: float = 1 / 3, sparse: str = "sink_window_attention"
+) -> tuple[str, ...]:
+  """LongGen's hybrid layout: full attention in the middle layers, `sparse` elsewhere.
+
+  LongGen (Ge et al. 2024, "A Little Goes a Long Way") keeps round(num_layers *
+  full_fraction) full-attention layers (1/3 by default, at least one when the fraction
+  is positive) as one contiguous band centred in the stack, and makes the bottom and
+  top layers sparse; the paper finds the middle the best place for the full layers.
+  E.g. longgen_layer_types(6) = 2 sparse, 2 full, 2 sparse.
+  """
+  require(
+    isinstance(num_layers, int) and num_layers >= 1,
+    f"num_layers={num_layers!r} must be a positive integer",
+  )
+  require(0.0 <= full_fraction <= 1.0, f"full_fraction={full_fraction!r} must be between 0 and 1")
+  require(
+    sparse in LAYER_TYPES and sparse != "full_attention",
+    f"sparse={sparse!r} must be a sparse layer type other than 'full_attention'",
+  )
+  n_full = round(num_layers * full_fraction)
+  if full_fraction > 0:
+    n_full = max(n_full, 1)
+  start = (num_layers - n_full) // 2
+  return tuple(
+    "full_attention" if start <= i < start + n_full else sparse for i in range(num_layers)
+  )
+
+
 def validate_model_config(cfg) -> None:
   """Raises ConfigError with one sentence naming the field and the fix."""
   require(cfg.family == "llama", f"model.family={cfg.family!r} is unknown; use 'llama'")
@@ -115,6 +157,16 @@ def validate_model_config(cfg) -> None:
       cfg.sliding_window is not None and cfg.sliding_window >= 1,
       "model.layer_types uses 'sliding_attention' but model.sliding_window is not set",
     )
+  if "sink_window_attention" in kinds:
+    require(
+      cfg.sparse_window is not None and cfg.sparse_window >= 1,
+      "model.layer_types uses 'sink_window_attention' but model.sparse_window is not a "
+      "positive integer",
+    )
+  require(
+    isinstance(cfg.sparse_sinks, int) and cfg.sparse_sinks >= 0,
+    f"model.sparse_sinks={cfg.sparse_sinks!r} must be a non-negative integer",
+  )
   validate_rope_parameters(cfg.rope.to_dict())
   rope_max = cfg.rope.get("max_position_embeddings")
   require(

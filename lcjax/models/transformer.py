@@ -2,9 +2,11 @@
 
 One model covers the family through flags: grouped-query attention, qkv bias
 (Qwen2), tied embeddings, explicit head_dim, sliding-window layers (Mistral)
-and a per-layer `layer_types` pattern for hybrids. The forward pass matches
-Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM` in
-float32 (tests/test_hf_interop.py).
+and a per-layer `layer_types` pattern for hybrids, including LongGen's sink + window
+sparse layers around full-attention middle layers (Ge et al. 2024, "A Little Goes a
+Long Way: Efficient Long Context Training and Inference with Partial Contexts"). The
+forward pass matches Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` /
+`Qwen2ForCausalLM` in float32 (tests/test_hf_interop.py).
 
 Attention masks come from the batch: `segment_ids` (packed documents) and the
 token's index in the row. RoPE uses `positions`, which may restart per document
@@ -111,9 +113,16 @@ class Attention(nnx.Module):
     return self.o_proj(out_BTHD.reshape(B, T, -1)), cache
 
   def _context_parallel(self, mesh, q_BTHD, k_BTKD, v_BTKD, mask, segment_ids_BT, q_index_BT):
-    """Ring (or all-gather) attention over the mesh's 'context' axis (Liu et al. 2023)."""
+    """Ring (or all-gather) attention over the mesh's 'context' axis (Liu et al. 2023).
+
+    Each ring step runs the Pallas block-sparse kernels when `attention_impl` resolves
+    to "pallas" (auto on TPU/GPU), otherwise the pure-JAX blockwise routine.
+    """
+    from lcjax.attention import resolve_impl
     from lcjax.parallel.mesh import BATCH_AXES
     from lcjax.parallel.ring import ring_attention
+
+    block_impl = "pallas" if resolve_impl(self.impl, q_BTHD) == "pallas" else "blockwise"
 
     tensor = mesh.shape.get("tensor", 1)
     head_axis = "tensor" if tensor > 1 and self.num_kv_heads % tensor == 0 else None
@@ -129,6 +138,7 @@ class Attention(nnx.Module):
       batch_axes=BATCH_AXES,
       head_axis=head_axis,
       strategy=self.context_strategy,
+      block_impl=block_impl,
       block_q=self.block_q,
       block_kv=self.block_kv,
     )
@@ -142,12 +152,23 @@ def _context_mesh():
   return mesh
 
 
+def _window_and_sinks(cfg, layer_type: str) -> tuple[int | None, int]:
+  """(window, sinks) of a layer type: none for full, Mistral's window for sliding, and
+  LongGen's sparse_window + sparse_sinks for sink_window_attention."""
+  if layer_type == "sliding_attention":
+    return cfg.sliding_window, 0
+  if layer_type == "sink_window_attention":
+    return cfg.sparse_window, cfg.sparse_sinks
+  return None, 0
+
+
 class DecoderBlock(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)) (HF `LlamaDecoderLayer`)."""
 
   def __init__(self, cfg, layer_type: str, *, dtype, rngs: nnx.Rngs):
     self.layer_type = layer_type
-    self.window = cfg.sliding_window if layer_type == "sliding_attention" else None
+    # The layer's mask window and attention sinks (`MaskSpec.window` / `.sinks`).
+    self.window, self.sinks = _window_and_sinks(cfg, layer_type)
     self.input_layernorm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
     self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
@@ -162,7 +183,11 @@ class DecoderBlock(nnx.Module):
 
   def __call__(self, x_BTD, rope, *, anchor, segment_ids_BT, q_index_BT, cache, cache_index):
     mask = MaskSpec(
-      causal=True, document=segment_ids_BT is not None, anchor=anchor, window=self.window
+      causal=True,
+      document=segment_ids_BT is not None,
+      anchor=anchor,
+      window=self.window,
+      sinks=self.sinks,
     )
     attn_BTD, cache = self.self_attn(
       self.input_layernorm(x_BTD),

@@ -16,7 +16,7 @@ Strategies (`strategy=`):
   2023). Each device keeps its query chunk; the key/value chunks, with their positions
   and segment ids, travel the ring with `lax.ppermute` (device r sends to r + 1), so
   at step j device r holds the keys of device (r − j) mod W. Each step runs a block
-  attention routine (`block_impl`, pure-JAX `blockwise` now, Pallas later) that
+  attention routine (`block_impl`: pure-JAX `blockwise`, or the `pallas` kernels) that
   returns (out, lse), and the partial results are merged in float32 in LSE form (the
   online softmax of FlashAttention-2, Dao 2023):
 
@@ -87,7 +87,26 @@ class BlockImpl(NamedTuple):
   bwd: Callable
 
 
-BLOCK_IMPLS = {"blockwise": BlockImpl(blockwise_fwd, blockwise_bwd)}
+def _pallas_fwd(*args, **kwargs):
+  """`pallas_kernels.block_sparse_fwd`, imported at the first call (never at import)."""
+  from pallas_kernels.block_sparse_attention import block_sparse_fwd
+
+  return block_sparse_fwd(*args, **kwargs)
+
+
+def _pallas_bwd(*args, **kwargs):
+  """`pallas_kernels.block_sparse_bwd`, imported at the first call (never at import)."""
+  from pallas_kernels.block_sparse_attention import block_sparse_bwd
+
+  return block_sparse_bwd(*args, **kwargs)
+
+
+# "pallas": the block-sparse flash attention kernels (Mosaic on TPU, Triton on GPU,
+# interpret mode on CPU), which need block sizes that are multiples of 8.
+BLOCK_IMPLS = {
+  "blockwise": BlockImpl(blockwise_fwd, blockwise_bwd),
+  "pallas": BlockImpl(_pallas_fwd, _pallas_bwd),
+}
 
 
 class _Static(NamedTuple):
@@ -488,7 +507,8 @@ def ring_attention(
       default none (rows replicated over the other axes).
     head_axis: a mesh axis the heads are split over (e.g. 'tensor'), default none.
     strategy: "ring" (K/V travel the ring) or "all_gather" (K/V gathered once).
-    block_impl: the per-step attention routine: "blockwise" or a `BlockImpl`.
+    block_impl: the per-step attention routine: "blockwise", "pallas" (the
+      block-sparse kernels; blocks must be multiples of 8) or a `BlockImpl`.
     block_q, block_kv: block sizes of the block impl inside a device's chunk.
 
   Returns out_BTHD in q's dtype, sharded like q. Differentiable (custom VJP, see the

@@ -1,0 +1,72 @@
+"""LongGen hybrid: sink + window sparse layers around full-attention middle layers.
+
+  python scripts/train.py --config configs/longgen_hybrid.py --workdir runs/longgen
+  python scripts/train.py --config configs/longgen_hybrid.py:tiny --workdir /tmp/lg   # ~1 min
+
+LongGen (Ge et al. 2024, "A Little Goes a Long Way: Efficient Long Context Training and
+Inference with Partial Contexts") trains long-context models whose bottom and top
+layers see only a partial context: attention sinks (the first tokens of the row) plus
+a local window, kept block-sparse so those layers cost O(T · window) instead of O(T²);
+only the middle third of the layers attend to everything, which the paper finds is
+enough for long-range retrieval. Here: `longgen_layer_types` places the full layers,
+`model.sparse_window` / `model.sparse_sinks` size the sparse ones
+(`MaskSpec(window=..., sinks=...)`), and `attention.impl=auto` runs the block-sparse
+Pallas kernels on TPU/GPU (the pure-JAX blockwise twin on CPU), which visit only the
+sink column and the window band of the sparse layers.
+
+Packed rows with document masking: sinks are the first tokens of the *row*, so with
+several documents per row only the first document's queries see them (a per-document
+sink would need a MaskSpec extension). Args: `tiny` (or `runlocal`) shrinks the model
+and the run for a CPU smoke test; `steps=`, `seq_len=`.
+"""
+
+from lcjax.config import parse_arg
+from lcjax.models.config import longgen_layer_types
+from lcjax.train.config import base_config
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, tiny=False, runlocal=False, steps=600, seq_len=512)
+  c = base_config()
+  seq_len = arg.seq_len
+  num_layers = 6  # 2 sink+window, 2 full (middle third), 2 sink+window
+
+  c.model.update(
+    vocab_size=384,
+    d_model=128,
+    num_layers=num_layers,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=352,
+    max_position_embeddings=seq_len,
+    rope=dict(rope_type="default", rope_theta=10000.0, max_position_embeddings=seq_len),
+    layer_types=longgen_layer_types(num_layers),
+    sparse_window=seq_len // 4,
+    sparse_sinks=16,
+    dtype="float32",
+  )
+  c.data.seq_len = seq_len
+  c.data.position_scheme = "per_document"
+  c.attention.update(impl="auto", block_q=128, block_kv=128)
+
+  c.train.update(steps=arg.steps, batch_size=8, lr=3e-3, warmup_steps=50, log_every=25)
+  c.checkpoint.update(every_steps=200, keep=2)
+  c.eval.update(every_steps=200, batches=2, ppl_lengths=(seq_len, 2 * seq_len), ppl_max_documents=8)
+  if arg.tiny or arg.runlocal:
+    seq_len = 256
+    c.data.seq_len = seq_len
+    c.model.update(
+      num_layers=3,
+      d_model=64,
+      mlp_dim=176,
+      layer_types=longgen_layer_types(3),  # sparse, full, sparse
+      sparse_window=64,
+      sparse_sinks=8,
+      max_position_embeddings=seq_len,
+    )
+    c.model.rope.max_position_embeddings = seq_len
+    c.attention.update(block_q=64, block_kv=64)
+    c.train.update(steps=30, warmup_steps=5, log_every=5)
+    c.checkpoint.every_steps = 10
+    c.eval.update(every_steps=0, ppl_lengths=(seq_len,), ppl_max_documents=2)
+  return c
