@@ -3,6 +3,7 @@
   python scripts/bench.py train       # training-step tokens/s, CPU-MFU, ratio to transformers+torch
   python scripts/bench.py attention   # block density per mask (Pallas tables); blockwise vs
                                       # reference attention: compiled memory and time
+  python scripts/bench.py ssd         # Mamba-2 SSD chunked vs sequential scan vs attention
   python scripts/bench.py memory      # per-device train-step memory vs length and context size,
                                       # and ring work imbalance per layout (8 CPU devices)
   python scripts/bench.py             # all of the above
@@ -274,12 +275,20 @@ def bench_memory() -> None:
     print(f"{W:>4}{row}")
 
 
+def _run_script(name: str) -> None:
+  """Runs another benchmark script of this folder in its own process (its own flags)."""
+  import os
+  import subprocess
+
+  subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), name)], check=True)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawTextHelpFormatter
   )
   parser.add_argument(
-    "what", nargs="?", default="all", choices=("all", "train", "attention", "memory")
+    "what", nargs="?", default="all", choices=("all", "train", "attention", "ssd", "memory")
   )
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)
@@ -288,6 +297,8 @@ def main(argv=None) -> int:
     bench_train(args.repeats)
   if args.what in ("all", "attention"):
     bench_attention(args.repeats)
+  if args.what in ("all", "ssd"):
+    _run_script("bench_ssd.py")
   if args.what in ("all", "memory"):
     bench_memory()
   return 0

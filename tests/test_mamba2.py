@@ -333,3 +333,89 @@ def test_checkpoint_errors_and_old_embedding_name(tmp_path):
 
   with open(os.path.join(tmp_path, "config.json")) as f:
     assert json.load(f)["model_type"] == "mamba2"
+
+
+# State-collapse mitigations as model knobs (Chen et al. 2024, "Stuffed Mamba", §5).
+
+
+def _with_config(model, **overrides):
+  """The same weights under a config with `overrides` (mitigation knobs)."""
+  cfg = mamba2_config(**SMALL, **overrides)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
+def test_mitigations_off_and_neutral_settings_equal_the_baseline(small_model):
+  """M1 factors 1 is the baseline bit for bit; M2 with a huge cap and M3 with r ≥ T match it."""
+  tokens = _tokens(seed=9, shape=(2, 20))
+  want = np.asarray(jax.jit(lambda t: small_model(t))(tokens))
+  m1 = _with_config(small_model, decay_scale=1.0, input_scale=1.0)
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda t: m1(t))(tokens)), want)
+  for knobs in (dict(state_norm_max=1e30), dict(state_window=20), dict(state_window=64)):
+    model = _with_config(small_model, **knobs)
+    got = np.asarray(jax.jit(lambda t, model=model: model(t))(tokens))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=str(knobs))
+  short = _with_config(small_model, state_window=3)
+  assert np.abs(np.asarray(jax.jit(lambda t: short(t))(tokens)) - want).max() > 1e-3
+
+
+def test_decay_scale_equals_shifting_A_log(small_model):
+  """M1's decay factor c multiplies A: the same as A_log + log c (and input_scale matters)."""
+  tokens = _tokens(seed=10, shape=(1, 16))
+  scaled = _with_config(small_model, decay_scale=2.0)
+  shifted = nnx.clone(small_model)  # edited below; the shared fixture must stay intact
+  for layer in shifted.layers:
+    layer.mixer.A_log[...] = layer.mixer.A_log[...] + jnp.log(2.0)
+  got, want, base = jax.jit(lambda t: (scaled(t), shifted(t), small_model(t)))(tokens)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  assert np.abs(np.asarray(got) - np.asarray(base)).max() > 1e-3
+  less = _with_config(small_model, input_scale=0.5)
+  assert np.abs(np.asarray(jax.jit(lambda t: less(t))(tokens)) - np.asarray(base)).max() > 1e-3
+
+
+def test_state_norm_cap_decodes_like_its_full_forward(small_model):
+  """M2 runs the recurrent form everywhere, so decoding step by step equals the forward pass."""
+  model = _with_config(small_model, state_norm_max=0.05)
+  tokens = _tokens(seed=11, shape=(2, 12))
+  want = np.asarray(jax.jit(lambda t: model(t))(tokens))
+  base = np.asarray(jax.jit(lambda t: small_model(t))(tokens))
+  assert np.abs(want - base).max() > 1e-3  # the cap binds
+  decode = jax.jit(lambda t, c: model.decode(t, c, 0))
+  caches, pieces = model.init_cache(2, 12), []
+  for lo, hi in ((0, 5), (5, 6), (6, 7), (7, 12)):
+    logits, caches = decode(tokens[:, lo:hi], caches)
+    pieces.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), want, atol=1e-5, rtol=0)
+  assert float(jnp.sqrt(jnp.sum(jnp.square(caches[0].ssm_BHPN), axis=(2, 3))).max()) <= 0.05 + 1e-6
+
+
+def test_state_window_rejects_a_cache_and_bad_knobs_raise(small_model):
+  model = _with_config(small_model, state_window=4)
+  with pytest.raises(ValueError, match="state_window"):
+    model.decode(_tokens(shape=(1, 3)), model.init_cache(1), 0)
+  for knobs, match in (
+    (dict(decay_scale=0.5), "decay_scale=0.5 must be >= 1"),
+    (dict(input_scale=1.5), "input_scale=1.5 must be in"),
+    (dict(state_norm_max=-1.0), "state_norm_max=-1.0 must be >= 0"),
+    (dict(state_window=-2), "state_window=-2 must be"),
+    (dict(state_window=4, state_norm_max=1.0), "cannot both be set"),
+  ):
+    with pytest.raises(ConfigError, match=match):
+      build_model(mamba2_config(**knobs), rngs=nnx.Rngs(0))
+
+
+def test_state_norm_statistics_shapes_and_mitigations(small_model):
+  from lcjax.eval.state_capacity import state_norm_statistics
+
+  tokens = _tokens(seed=12, shape=(2, 40))
+  stats = state_norm_statistics(small_model, tokens, every=8)
+  H, N = small_model.layers[0].mixer.num_heads, small_model.layers[0].mixer.d_state
+  np.testing.assert_array_equal(stats["positions"], [8, 16, 24, 32, 40])
+  assert stats["max_abs"].shape == stats["mean_norm"].shape == (1, 5)
+  assert stats["channel_max_abs"].shape == (1, 5, H, N)
+  assert np.all(stats["max_abs"] > 0) and np.all(np.isfinite(stats["mean_norm"]))
+  np.testing.assert_allclose(stats["max_abs"], stats["channel_max_abs"].max(axis=(2, 3)))
+  capped = state_norm_statistics(_with_config(small_model, state_norm_max=0.05), tokens, every=8)
+  assert capped["mean_norm"].max() <= 0.05 + 1e-6 < stats["mean_norm"].max()
+  windowed = state_norm_statistics(_with_config(small_model, state_window=4), tokens, every=8)
+  assert windowed["max_abs"].shape == (1, 5)

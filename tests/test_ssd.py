@@ -212,3 +212,91 @@ def test_bad_inputs_raise():
     ssd_chunked(x, dt, A, B, C, chunk=8, initial_state=jnp.zeros((2, 4, 3, 4)))
   with pytest.raises(ValueError, match="dt"):
     ssd_sequential(x, dt[:, :-1], A, B, C)
+
+
+# State-collapse mitigations (Chen et al. 2024, "Stuffed Mamba", §5): lcjax.ssm.mitigations.
+
+
+def _state_of_inputs_np(x, dt, A, B, reset, lo, t):
+  """Σ_{s=lo..t} (∏_{u=s+1..t} α_u)(Δ_s x_s) B_sᵀ directly in numpy (resets drop older s)."""
+  x, dt, A, B, reset = map(np.asarray, (x, dt, A, B, reset))
+  Bz, _, H, P = x.shape
+  R = H // B.shape[2]
+  h = np.zeros((Bz, H, P, B.shape[-1]))
+  for b in range(Bz):
+    for s in range(lo, t + 1):
+      if reset[b, s + 1 : t + 1].any():
+        continue  # a reset after s discards input s
+      log_decay_H = (dt[b, s + 1 : t + 1] * A).sum(0)
+      B_HN = np.repeat(B[b, s], R, axis=0)
+      h[b] += (
+        np.exp(log_decay_H)[:, None, None]
+        * (dt[b, s][:, None] * x[b, s])[..., None]
+        * (B_HN[:, None])
+      )
+  return h
+
+
+def test_window_state_difference_equals_state_of_last_r_inputs_fp64():
+  """M3: h_t − (∏α)·h_{t−r} == the state built from only inputs t−r+1..t (fp64, ≤ 1e-10)."""
+  from lcjax.ssm.mitigations import ssd_states, ssd_windowed, window_state_difference
+
+  shape = dict(SHAPE, T=40)
+  with jax.enable_x64(True):
+    x, dt, A, B, C, h0 = _inputs(11, jnp.float64, **shape)
+    reset_BT = jnp.zeros((shape["Bz"], shape["T"]), bool).at[1, 25].set(True)
+    states = jax.jit(lambda h0, reset: ssd_states(x, dt, A, B, C, initial_state=h0, reset_BT=reset))
+    for h_init, reset in ((None, None), (h0, None), (h0, reset_BT)):
+      _, h_BTHPN = states(h_init, reset)
+      reset_np = np.zeros(reset_BT.shape, bool) if reset is None else np.asarray(reset)
+      a_BTH = jnp.where(reset_np[..., None], -jnp.inf, dt * A)
+      for window in (1, 7, 30):
+        hw_BTHPN = window_state_difference(h_BTHPN, a_BTH, window, h_init)
+        for t in (0, window - 1, window, 24, 25, 26, shape["T"] - 1):
+          lo = max(0, t - window + 1)
+          want = _state_of_inputs_np(x, dt, A, B, reset_np, lo, t)
+          assert _rel_err(hw_BTHPN[:, t], want) <= 1e-10, (window, t)
+    # The outputs read the windowed states: y_t = h_t^(r) C_t.
+    y, hw = ssd_windowed(x, dt, A, B, C, window=7, return_states=True)
+    want_h = _state_of_inputs_np(x, dt, A, B, np.zeros(reset_BT.shape, bool), 33, 39)
+    assert _rel_err(hw[:, -1], want_h) <= 1e-10
+    want_y = np.einsum("bhpn,bhn->bhp", want_h, np.repeat(np.asarray(C[:, -1]), 2, axis=1))
+    assert _rel_err(y[:, -1], want_y) <= 1e-10
+
+
+def test_state_normalization_keeps_the_state_bounded():
+  """M2: 1e5 random recurrent steps; the raw state grows without bound, the normalized one not."""
+  steps, H, P, N, cap = 100_000, 2, 2, 3, 5.0
+  A_H = -jnp.full((H,), 1e-3)  # almost no decay: the state integrates its inputs (a random walk)
+
+  def run(state_norm_max):
+    def step(h_BHPN, key):
+      kx, kb = jax.random.split(key)
+      x_BHP = 1.0 + jax.random.normal(kx, (1, H, P))  # a drift so the raw norm keeps growing
+      B_BGN = 1.0 + jax.random.normal(kb, (1, 1, N))
+      dt_BH = jnp.full((1, H), 1.0)
+      _, h_BHPN = ssd_step(h_BHPN, x_BHP, dt_BH, A_H, B_BGN, B_BGN, state_norm_max=state_norm_max)
+      return h_BHPN, jnp.sqrt(jnp.sum(jnp.square(h_BHPN), axis=(-2, -1)))
+
+    keys = jax.random.split(jax.random.key(0), steps)
+    _, norms_TBH = jax.jit(lambda k: jax.lax.scan(step, jnp.zeros((1, H, P, N)), k))(keys)
+    return np.asarray(norms_TBH)
+
+  raw, normed = run(None), run(cap)
+  assert np.all(np.isfinite(normed)) and normed.max() <= cap * (1 + 1e-5)
+  assert raw.max() > 100 * cap  # without M2 the state keeps growing
+  assert raw[-1].max() > raw[steps // 10].max()
+
+
+def test_forget_more_remember_less_factors_one_is_the_baseline_exactly():
+  """M1 with both factors 1 returns the very same arrays; other factors scale the decay/input."""
+  from lcjax.ssm.mitigations import forget_more_remember_less
+
+  x, dt, A, B, C, _ = _inputs(12, jnp.float32, **SHAPE)
+  A1, x1 = forget_more_remember_less(A, x, decay_scale=1.0, input_scale=1.0)
+  assert A1 is A and x1 is x
+  A2, x2 = forget_more_remember_less(A, x, decay_scale=2.0, input_scale=0.5)
+  np.testing.assert_allclose(A2, 2 * A)
+  np.testing.assert_allclose(x2, 0.5 * x)
+  with pytest.raises(ValueError, match="decay_scale >= 1"):
+    forget_more_remember_less(A, x, decay_scale=0.5)

@@ -19,6 +19,17 @@ state is reset (a −inf log-decay) and the convolution does not read tokens of 
 previous document, so each document's outputs equal running it alone. `positions`
 are ignored (there is no positional encoding). Generation caches per layer the last
 d_conv − 1 conv inputs and the SSM state; `cache_index` is not needed and ignored.
+
+State-collapse mitigations (Chen et al. 2024, "Stuffed Mamba: State Collapse and State
+Capacity of RNN-Based Long-Context Modeling", §5; `lcjax.ssm.mitigations`), all off by
+default and then exactly the plain model, all training-free:
+  decay_scale, input_scale  M1 "forget more, remember less" (§5.1): Δ·A and (Δ·x)Bᵀ
+                            scaled separately (the D·x skip keeps the unscaled x).
+  state_norm_max            M2 state normalization (§5.2): each head's ‖h‖ is capped after
+                            every update; the mixer then runs the sequential scan everywhere
+                            (training forward, prefill and decode agree).
+  state_window              M3 sliding window by state difference (§5.3): outputs read
+                            h_t − (∏α)·h_{t−r}; full-sequence forward only (no cache).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from flax import nnx
 
 from lcjax.config import ConfigError, require
 from lcjax.models.layers import RMSNorm, dense, resolve_dtype
+from lcjax.ssm.mitigations import forget_more_remember_less, ssd_windowed
 from lcjax.ssm.ssd import ssd_chunked, ssd_sequential, ssd_step
 
 __all__ = [
@@ -86,6 +98,11 @@ def mamba2_config(**overrides: Any) -> ml_collections.ConfigDict:
       remat="none",  # none | full | dots: activation checkpointing per layer
       ssd_impl="chunked",  # chunked | sequential (the reference recurrence)
       initializer_range=0.02,
+      # State-collapse mitigations (Chen et al. 2024, "Stuffed Mamba", §5); all off by default.
+      decay_scale=1.0,  # M1 (§5.1): log-decay Δ·A multiplied by this (>= 1 forgets more)
+      input_scale=1.0,  # M1 (§5.1): inserted term (Δ·x) Bᵀ multiplied by this (<= 1)
+      state_norm_max=0.0,  # M2 (§5.2): > 0 caps each head's ‖h‖ (recurrent scan); 0 = off
+      state_window=0,  # M3 (§5.3): > 0 keeps only the last r inputs (state difference)
     )
   )
   for key, value in overrides.items():
@@ -154,6 +171,26 @@ def validate_mamba2_config(cfg) -> None:
   )
   require(
     cfg.ssd_impl in SSD_IMPLS, f"model.ssd_impl={cfg.ssd_impl!r} is unknown; use one of {SSD_IMPLS}"
+  )
+  require(
+    cfg.decay_scale >= 1.0,
+    f"model.decay_scale={cfg.decay_scale} must be >= 1 (M1 forgets more; 1 is off)",
+  )
+  require(
+    0.0 < cfg.input_scale <= 1.0,
+    f"model.input_scale={cfg.input_scale} must be in (0, 1] (M1 remembers less; 1 is off)",
+  )
+  require(
+    cfg.state_norm_max >= 0.0,
+    f"model.state_norm_max={cfg.state_norm_max} must be >= 0 (0 turns M2 off)",
+  )
+  require(
+    isinstance(cfg.state_window, int) and cfg.state_window >= 0,
+    f"model.state_window={cfg.state_window!r} must be a non-negative integer (0 turns M3 off)",
+  )
+  require(
+    not (cfg.state_window and cfg.state_norm_max),
+    "model.state_window and model.state_norm_max cannot both be set; pick one mitigation",
   )
 
 
@@ -245,6 +282,9 @@ class Mamba2Mixer(nnx.Module):
     self.chunk_size = cfg.chunk_size
     self.ssd_impl = cfg.ssd_impl
     self.time_step_limit = tuple(float(v) for v in cfg.time_step_limit)
+    self.decay_scale, self.input_scale = float(cfg.decay_scale), float(cfg.input_scale)
+    self.state_norm_max = float(cfg.state_norm_max) or None
+    self.state_window = int(cfg.state_window)
     H, std = self.num_heads, cfg.initializer_range
     self.in_proj = dense(
       cfg.d_model,
@@ -272,13 +312,18 @@ class Mamba2Mixer(nnx.Module):
       jnp.zeros((batch, self.num_heads, self.head_dim, self.d_state), jnp.float32),
     )
 
-  def __call__(
+  def ssd_inputs(
     self,
     x_BTD: jax.Array,
     *,
     segment_ids_BT: jax.Array | None = None,
     cache: Mamba2Cache | None = None,
-  ) -> tuple[jax.Array, Mamba2Cache | None]:
+  ) -> dict:
+    """The SSD scan's inputs for a block input (in_proj, conv, Δ, A), before M1.
+
+    Returns dict(z_BTE, xbc_BTC, x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, reset_BT);
+    used by `__call__` and by state statistics (`lcjax.eval.state_capacity`).
+    """
     Bsz, T, _ = x_BTD.shape
     H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
     zxbcdt_BTF = self.in_proj(x_BTD)
@@ -305,16 +350,65 @@ class Mamba2Mixer(nnx.Module):
     lo, hi = self.time_step_limit
     dt_BTH = jnp.clip(jax.nn.softplus(dt_BTH.astype(jnp.float32) + self.dt_bias[...]), lo, hi)
     A_H = -jnp.exp(self.A_log[...])
+    return dict(
+      z_BTE=z_BTE,
+      xbc_BTC=xbc_BTC,
+      x_BTHP=x_BTHP,
+      dt_BTH=dt_BTH,
+      A_H=A_H,
+      B_BTGN=B_BTGN,
+      C_BTGN=C_BTGN,
+      reset_BT=reset_BT,
+    )
 
-    if cache is not None and T == 1:
+  def scan_inputs(self, x_BTHP: jax.Array, A_H: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(A_H, x_BTHP) for the scan after M1 (Chen et al. 2024 §5.1); unchanged when off."""
+    return forget_more_remember_less(
+      A_H, x_BTHP, decay_scale=self.decay_scale, input_scale=self.input_scale
+    )
+
+  def __call__(
+    self,
+    x_BTD: jax.Array,
+    *,
+    segment_ids_BT: jax.Array | None = None,
+    cache: Mamba2Cache | None = None,
+  ) -> tuple[jax.Array, Mamba2Cache | None]:
+    Bsz, T, _ = x_BTD.shape
+    inputs = self.ssd_inputs(x_BTD, segment_ids_BT=segment_ids_BT, cache=cache)
+    z_BTE, xbc_BTC, x_BTHP = inputs["z_BTE"], inputs["xbc_BTC"], inputs["x_BTHP"]
+    dt_BTH, B_BTGN, C_BTGN = inputs["dt_BTH"], inputs["B_BTGN"], inputs["C_BTGN"]
+    reset_BT = inputs["reset_BT"]
+    A_H, xs_BTHP = self.scan_inputs(x_BTHP, inputs["A_H"])
+
+    if self.state_window:
+      if cache is not None:
+        raise ValueError(
+          "model.state_window (M3) runs on full sequences only; generate without it or "
+          "re-run the forward pass on the whole prefix"
+        )
+      y_BTHP = ssd_windowed(
+        xs_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, window=self.state_window, reset_BT=reset_BT
+      )
+      h_BHPN = None
+    elif cache is not None and T == 1:
       y_BHP, h_BHPN = ssd_step(
-        cache.ssm_BHPN, x_BTHP[:, 0], dt_BTH[:, 0], A_H, B_BTGN[:, 0], C_BTGN[:, 0]
+        cache.ssm_BHPN,
+        xs_BTHP[:, 0],
+        dt_BTH[:, 0],
+        A_H,
+        B_BTGN[:, 0],
+        C_BTGN[:, 0],
+        state_norm_max=self.state_norm_max,
       )
       y_BTHP = y_BHP[:, None]
     else:
-      ssd = ssd_chunked if self.ssd_impl == "chunked" else ssd_sequential
+      # M2 (state normalization) needs the recurrent form: the sequential scan.
+      extra = {} if self.state_norm_max is None else dict(state_norm_max=self.state_norm_max)
+      sequential = self.ssd_impl == "sequential" or self.state_norm_max is not None
+      ssd = ssd_sequential if sequential else ssd_chunked
       y_BTHP, h_BHPN = ssd(
-        x_BTHP,
+        xs_BTHP,
         dt_BTH,
         A_H,
         B_BTGN,
@@ -323,6 +417,7 @@ class Mamba2Mixer(nnx.Module):
         initial_state=None if cache is None else cache.ssm_BHPN,
         return_final_state=True,
         reset_BT=reset_BT,
+        **extra,
       )
     y_BTHP = y_BTHP + self.D[...][:, None] * x_BTHP.astype(jnp.float32)
     y_BTE = self.norm(y_BTHP.reshape(Bsz, T, self.inner), z_BTE)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ssd_chunked", "ssd_sequential", "ssd_step", "segsum"]
+__all__ = ["ssd_chunked", "ssd_sequential", "ssd_step", "segsum", "normalize_state"]
 
 
 def _compute_dtype(x: jax.Array) -> jnp.dtype:
@@ -54,6 +54,18 @@ def _check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN) -> tuple[int, int]:
   if H % G:
     raise ValueError(f"ssd needs the number of heads H={H} to be a multiple of groups G={G}")
   return G, H // G
+
+
+def normalize_state(h_BHPN: jax.Array, max_norm: float) -> jax.Array:
+  """h ← h · min(1, max_norm / ‖h‖_F) per head: state normalization, mitigation M2.
+
+  Chen et al. 2024, "Stuffed Mamba: State Collapse and State Capacity of RNN-Based
+  Long-Context Modeling", §5.2: normalizing the state after each update keeps its norm
+  below a threshold, so no channel can explode past the training length. The norm is
+  over each head's [P, N] state (the leading axes are batch and head).
+  """
+  norm_BH11 = jnp.sqrt(jnp.sum(jnp.square(h_BHPN), axis=(-2, -1), keepdims=True))
+  return h_BHPN * jnp.minimum(1.0, max_norm / jnp.maximum(norm_BH11, 1e-30))
 
 
 def segsum(a_XL: jax.Array) -> jax.Array:
@@ -179,9 +191,15 @@ def ssd_step(
   A_H: jax.Array,
   B_BGN: jax.Array,
   C_BGN: jax.Array,
+  *,
+  state_norm_max: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """One recurrent update h ← exp(Δ·A)·h + (Δ·x) Bᵀ, y = h C (Dao & Gu 2024, §2, SSD §5).
 
+  `state_norm_max` (mitigation M2 of Chen et al. 2024, "Stuffed Mamba: State Collapse
+  and State Capacity of RNN-Based Long-Context Modeling", §5.2 state normalization):
+  after the update each head's state is rescaled to Frobenius norm `state_norm_max`
+  when it exceeds it (`normalize_state`); None leaves h as is.
   Returns (y_BHP, h_BHPN), both float32 (float64 for float64 inputs).
   """
   H = x_BHP.shape[1]
@@ -198,6 +216,8 @@ def ssd_step(
   decay_BH = jnp.exp(dt_BH * A_H.astype(f))
   xdt_BHP = x_BHP.astype(f) * dt_BH[..., None]
   h_BHPN = decay_BH[..., None, None] * h_BHPN.astype(f) + xdt_BHP[..., None] * B_BHN[:, :, None]
+  if state_norm_max is not None:
+    h_BHPN = normalize_state(h_BHPN, state_norm_max)
   return jnp.einsum("bhpn,bhn->bhp", h_BHPN, C_BHN), h_BHPN
 
 
@@ -212,11 +232,13 @@ def ssd_sequential(
   initial_state: jax.Array | None = None,
   return_final_state: bool = False,
   reset_BT: jax.Array | None = None,
+  state_norm_max: float | None = None,
 ):
   """The exact recurrence, one step at a time (`lax.scan` of `ssd_step`): the reference.
 
   Same signature and results as `ssd_chunked`; `chunk` is accepted and ignored so the
-  two are interchangeable.
+  two are interchangeable. `state_norm_max` is `ssd_step`'s state normalization (M2 of
+  Chen et al. 2024, §5.2), which only the recurrent form can apply.
   """
   del chunk
   _check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN)
@@ -233,7 +255,7 @@ def ssd_sequential(
   def step(h_BHPN, inputs):
     x_BHP, dt_BH, B_BGN, C_BGN, reset_B = inputs
     h_BHPN = jnp.where(reset_B[:, None, None, None], 0.0, h_BHPN)
-    y_BHP, h_BHPN = ssd_step(h_BHPN, x_BHP, dt_BH, A_H, B_BGN, C_BGN)
+    y_BHP, h_BHPN = ssd_step(h_BHPN, x_BHP, dt_BH, A_H, B_BGN, C_BGN, state_norm_max=state_norm_max)
     return h_BHPN, y_BHP
 
   time_major = lambda a: jnp.moveaxis(a, 1, 0)
