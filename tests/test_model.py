@@ -283,3 +283,40 @@ def test_context_parallel_hybrid_with_pallas_ring_steps():
   with jax.set_mesh(make_mesh(dict(data=1, context=2), devices=jax.devices()[:2])):
     got = jax.jit(lambda t, s: model(t, segment_ids=s))(tokens, segment_ids)
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _hybrid(**overrides):
+  fields = dict(
+    num_layers=3,
+    layer_types=("full_attention", "mamba2", "sliding_attention"),
+    sliding_window=6,
+    mamba=dict(d_state=8, head_dim=16, chunk_size=8),
+    initializer_range=0.2,
+  )
+  return _model(seed=2, **{**fields, **overrides})
+
+
+def test_hybrid_attention_mamba2_stack_generates_like_its_forward():
+  """layer_types mixes attention and Mamba-2 layers; caches are per layer kind."""
+  model, _ = _hybrid()
+  assert model.layers[1].mixer is not None and model.layers[1].self_attn is None
+  prompt = np.random.default_rng(4).integers(0, 384, size=(2, 6))
+  out = np.asarray(generate(model, prompt, max_new_tokens=7))
+  want = np.argmax(np.asarray(model(out[:, :-1])), axis=-1)[:, 5:]
+  np.testing.assert_array_equal(out[:, 6:], want)
+
+
+def test_hybrid_packed_documents_equal_separate_documents():
+  """Document masks (attention) and state resets (Mamba-2) keep packed documents apart."""
+  model, _ = _hybrid(attention_block_q=4, attention_block_kv=4)
+  rng = np.random.default_rng(5)
+  doc_a, doc_b = rng.integers(3, 300, size=9), rng.integers(3, 300, size=11)
+  packed = np.concatenate([doc_a, doc_b])[None]
+  segment_ids = np.array([[1] * 9 + [2] * 11])
+  positions = np.array([list(range(9)) + list(range(11))])
+  logits = model(packed, positions=positions, segment_ids=segment_ids)
+  np.testing.assert_allclose(logits[0, 9:], model(doc_b[None])[0], atol=1e-4)
+  with pytest.raises(NotImplementedError, match="mesh.context=1"):
+    model(packed, token_index=np.arange(20)[None])
+  with pytest.raises(ValueError, match="mamba"):
+    _hybrid(mamba=dict(d_state=8, head_dim=7))  # expand * d_model not divisible by head_dim

@@ -28,7 +28,7 @@ __all__ = [
 # Long Way: Efficient Long Context Training and Inference with Partial Contexts"): the
 # last `sparse_window` keys plus the first `sparse_sinks` tokens of the row (attention
 # sinks), a `MaskSpec(window=..., sinks=...)` that the block-sparse kernels skip blocks of.
-LAYER_TYPES = ("full_attention", "sliding_attention", "sink_window_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "sink_window_attention", "mamba2")
 # Activation checkpointing per decoder layer: none, full (recompute everything), or
 # dots (keep matmul outputs without batch dims, recompute the rest).
 REMAT_POLICIES = ("none", "full", "dots")
@@ -60,6 +60,9 @@ def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
       tie_embeddings=False,
       sliding_window=ml_collections.config_dict.placeholder(int),  # Mistral / Qwen2
       layer_types=ml_collections.config_dict.placeholder(tuple),  # None: derived
+      # mamba2 layers of hybrid stacks: mamba2_config fields for their mixer (d_state, head_dim,
+      # expand, n_groups, chunk_size, ...); d_model, norm eps, dtype come from this config.
+      mamba={},
       sparse_window=ml_collections.config_dict.placeholder(int),  # sink_window_attention
       sparse_sinks=0,  # sink_window_attention: first tokens of the row always visible
       anchor=False,  # AnchorAttention: key 0 visible to every document
@@ -125,6 +128,27 @@ def longgen_layer_types(
   )
 
 
+def mamba_mixer_config(cfg):
+  """The mamba2_config of a hybrid stack's Mamba-2 layers (Lieber et al. 2024, Jamba-style).
+
+  Width, norm epsilon, dtype and initialization come from the model config; the rest
+  from `model.mamba` (e.g. `mamba=dict(d_state=16, head_dim=32)`).
+  """
+  from lcjax.models.mamba2 import mamba2_config
+
+  mamba = cfg.get("mamba") or {}
+  mamba = mamba.to_dict() if hasattr(mamba, "to_dict") else dict(mamba)
+  shared = dict(
+    d_model=cfg.d_model,
+    rms_norm_eps=cfg.rms_norm_eps,
+    dtype=cfg.dtype,
+    initializer_range=cfg.initializer_range,
+    num_layers=1,
+    vocab_size=cfg.vocab_size,
+  )
+  return mamba2_config(**{**shared, **mamba})
+
+
 def validate_model_config(cfg) -> None:
   """Raises ConfigError with one sentence naming the field and the fix."""
   require(cfg.family == "llama", f"model.family={cfg.family!r} is unknown; use 'llama'")
@@ -152,6 +176,13 @@ def validate_model_config(cfg) -> None:
   )
   for kind in kinds:
     require(kind in LAYER_TYPES, f"model.layer_types entry {kind!r} is unknown; use {LAYER_TYPES}")
+  if "mamba2" in kinds:
+    from lcjax.models.mamba2 import validate_mamba2_config
+
+    try:
+      validate_mamba2_config(mamba_mixer_config(cfg))
+    except ConfigError as e:  # name the hybrid's sub-config, not a top-level field
+      raise ConfigError(f"model.mamba (the mamba2 layers of layer_types): {e}") from None
   if "sliding_attention" in kinds:
     require(
       cfg.sliding_window is not None and cfg.sliding_window >= 1,

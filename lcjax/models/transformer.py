@@ -22,8 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcjax.attention import MaskSpec, dot_product_attention
-from lcjax.models.config import head_dim, layer_types, validate_model_config
+from lcjax.models.config import head_dim, layer_types, mamba_mixer_config, validate_model_config
 from lcjax.models.layers import RMSNorm, SwiGLU, dense, resolve_dtype
+from lcjax.models.mamba2 import Mamba2Mixer
 from lcjax.positional.rope import apply_rope, compute_inv_freq, query_scale, rope_cos_sin
 
 __all__ = ["LlamaLM", "KVCache", "RopeTables"]
@@ -170,7 +171,11 @@ class DecoderBlock(nnx.Module):
     # The layer's mask window and attention sinks (`MaskSpec.window` / `.sinks`).
     self.window, self.sinks = _window_and_sinks(cfg, layer_type)
     self.input_layernorm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
-    self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+    # A hybrid stack's "mamba2" layers replace attention by a Mamba-2 mixer (Jamba-style:
+    # mixer + MLP per block); every other layer type is attention.
+    mamba = layer_type == "mamba2"
+    self.self_attn = None if mamba else Attention(cfg, dtype=dtype, rngs=rngs)
+    self.mixer = Mamba2Mixer(mamba_mixer_config(cfg), dtype=dtype, rngs=rngs) if mamba else None
     self.post_attention_layernorm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
     self.mlp = SwiGLU(
       cfg.d_model,
@@ -182,6 +187,12 @@ class DecoderBlock(nnx.Module):
     )
 
   def __call__(self, x_BTD, rope, *, anchor, segment_ids_BT, q_index_BT, cache, cache_index):
+    if self.mixer is not None:
+      mixed_BTD, cache = self.mixer(
+        self.input_layernorm(x_BTD), segment_ids_BT=segment_ids_BT, cache=cache
+      )
+      x_BTD = x_BTD + mixed_BTD.astype(x_BTD.dtype)
+      return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), cache
     mask = MaskSpec(
       causal=True,
       document=segment_ids_BT is not None,
@@ -298,6 +309,11 @@ class LlamaLM(nnx.Module):
     causal and document masks still see global order.
     """
     B, T = tokens_BT.shape
+    if token_index is not None and any(layer.mixer is not None for layer in self.layers):
+      raise NotImplementedError(
+        "hybrid stacks with mamba2 layers need tokens in order; context-parallel layouts "
+        "(token_index) are not supported for them yet: set mesh.context=1"
+      )
     if token_index is not None:
       if caches is not None:
         raise ValueError(
@@ -340,10 +356,14 @@ class LlamaLM(nnx.Module):
     )
     return self.logits(h_BTD)
 
-  def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+  def init_cache(self, batch: int, max_len: int) -> list:
+    """KV caches for attention layers, conv + SSM states for mamba2 layers."""
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
     return [
-      KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers
+      layer.mixer.init_cache(batch)
+      if layer.mixer is not None
+      else KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+      for layer in self.layers
     ]
 
   def decode(self, tokens_BT, caches: list[KVCache], cache_index) -> tuple[jax.Array, list]:
