@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from multiprocess_case import run_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,6 +44,7 @@ def test_two_processes_match_one(tmp_path):
   np.testing.assert_allclose(multi["loss"], single["loss"], rtol=1e-5)
 
 
+@pytest.mark.slow  # ~35 s; test_two_processes_match_one covers the cross-process step
 def test_two_process_training_run_saves_and_resumes(tmp_path):
   """scripts/train.py with --coordinator: one mesh over both processes, one set of outputs."""
   root = os.path.dirname(HERE)
