@@ -1,0 +1,228 @@
+"""RoPE paper variants (abf, eabf, giraffe, nope), partial rotary, the registry, bad input."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_rope import _rotate, _theta
+
+from lcjax.positional import rope
+
+# ------------------------------------------------------------------------------------------------
+# lcjax additions.
+
+
+def test_eabf_query_scale_and_base():
+  params = rope.standardize_rope_parameters(
+    {
+      "rope_parameters": {"rope_type": "eabf", "original_max_position_embeddings": 4096},
+      "rope_theta": 5e5,
+    }
+  )
+  positions_BT = jnp.array([[0, 1, 4094, 4095, 8191, 16383]], dtype=jnp.int32)
+  scale_BT = rope.query_scale(params, positions_BT)
+  assert scale_BT.shape == (1, 6) and scale_BT.dtype == jnp.float32
+  # ln(pos + 1) / ln(4096), floored at 1: 8192 = 2^13 and 16384 = 2^14 against 4096 = 2^12.
+  np.testing.assert_allclose(scale_BT, [[1.0, 1.0, 1.0, 1.0, 13 / 12, 14 / 12]], rtol=1e-6)
+  inv_freq, attention_factor = rope.compute_inv_freq(params, 128)
+  np.testing.assert_allclose(np.asarray(inv_freq, np.float64), _theta(5e5, 128), rtol=1e-6)
+  assert attention_factor == 1.0
+  for other in (
+    {"rope_type": "default", "rope_theta": 1e4},
+    {"rope_type": "abf", "rope_theta": 5e5},
+    {
+      "rope_type": "yarn",
+      "rope_theta": 1e4,
+      "factor": 4.0,
+      "original_max_position_embeddings": 4096,
+    },
+  ):
+    assert rope.query_scale(other, positions_BT) is None
+
+
+def test_abf_equals_default_with_its_theta():
+  abf, _ = rope.compute_inv_freq({"rope_type": "abf", "rope_theta": 5e5}, 128)
+  np.testing.assert_allclose(np.asarray(abf, np.float64), _theta(5e5, 128), rtol=1e-6)
+
+
+@pytest.mark.parametrize("factor,scale_power", [(None, None), (4.0, None), (1.0, 0.5)])
+def test_giraffe_truncated_basis(factor, scale_power):
+  truncate_wavelength = 1000
+  params = {"rope_type": "giraffe", "rope_theta": 1e4, "truncate_wavelength": truncate_wavelength}
+  if factor is not None:
+    params["factor"] = factor
+  if scale_power is not None:
+    params["scale_power"] = scale_power
+  inv_freq, attention_factor = rope.compute_inv_freq(params, 128)
+  got = np.asarray(inv_freq, np.float64)
+  freq = _theta(1e4, 128) / (factor or 1.0)
+  if scale_power:
+    freq = freq * (1 - np.arange(64) / 64) ** scale_power
+  cutoff = 2 * math.pi / truncate_wavelength
+  keep, low = freq >= cutoff, (freq >= cutoff / 8) & (freq < cutoff)
+  assert keep.any() and low.any() and (~keep & ~low).any()  # All three bands are exercised.
+  np.testing.assert_allclose(got[keep], freq[keep], rtol=1e-6)
+  np.testing.assert_allclose(got[low], 2 * math.pi / (16 * truncate_wavelength), rtol=1e-6)
+  np.testing.assert_array_equal(got[~keep & ~low], 0.0)
+  assert attention_factor == 1.0
+
+
+def test_giraffe_truncation_off_is_linear():
+  params = {"rope_type": "giraffe", "rope_theta": 1e4, "truncate_wavelength": 0, "factor": 4.0}
+  inv_freq, _ = rope.compute_inv_freq(params, 64)
+  np.testing.assert_allclose(np.asarray(inv_freq, np.float64), _theta(1e4, 64) / 4, rtol=1e-6)
+
+
+def test_nope_is_identity():
+  params = rope.standardize_rope_parameters({"rope_parameters": {"rope_type": "nope"}})
+  inv_freq, attention_factor = rope.compute_inv_freq(params, 64)
+  np.testing.assert_array_equal(inv_freq, np.zeros(32))
+  x_BTHD = jnp.asarray(np.random.default_rng(1).standard_normal((2, 9, 3, 64)), jnp.float32)
+  positions_BT = jnp.broadcast_to(jnp.arange(9) * 1000, (2, 9))
+  np.testing.assert_array_equal(_rotate(params, 64, x_BTHD, positions_BT), x_BTHD)
+  assert attention_factor == 1.0
+
+
+def test_partial_rotary_leaves_tail_pairs_unrotated():
+  params = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+  x_BTHD = jnp.asarray(np.random.default_rng(2).standard_normal((1, 4, 2, 64)), jnp.float32)
+  out = _rotate(params, 64, x_BTHD, jnp.array([[0, 5, 50, 500]]))
+  # Pairs (i, i + 32) with i >= 16 have zero frequency: features 16..31 and 48..63 unchanged.
+  np.testing.assert_array_equal(out[..., 16:32], x_BTHD[..., 16:32])
+  np.testing.assert_array_equal(out[..., 48:], x_BTHD[..., 48:])
+  assert not np.allclose(out[:, 1:, :, :16], x_BTHD[:, 1:, :, :16])
+
+
+def test_registry_one_registration():
+  name = "test_halved_theta"
+  rope.register_rope_type(
+    name, rope.RopeType(lambda p, hd, d, s: (rope._base_inv_freq(p["rope_theta"] / 2, d), 1.0))
+  )
+  try:
+    inv_freq, _ = rope.compute_inv_freq({"rope_type": name, "rope_theta": 2e4}, 64)
+    np.testing.assert_allclose(np.asarray(inv_freq, np.float64), _theta(1e4, 64), rtol=1e-6)
+    with pytest.raises(ValueError, match="already registered"):
+      rope.register_rope_type(name, rope.ROPE_TYPES[name])
+  finally:
+    del rope.ROPE_TYPES[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize(
+  "params,head_dim,match",
+  [
+    (
+      {"rope_type": "foo", "rope_theta": 1e4},
+      64,
+      r"rope type 'foo' is unknown; choose one of .*yarn",
+    ),
+    (
+      {"rope_type": "yarn", "rope_theta": 1e4, "original_max_position_embeddings": 4096},
+      64,
+      r"rope_parameters\['factor'\] is required for rope_type 'yarn'",
+    ),
+    (
+      {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
+      64,
+      r"rope_parameters\['original_max_position_embeddings'\] is required",
+    ),
+    (
+      {
+        "rope_type": "longrope",
+        "rope_theta": 1e4,
+        "short_factor": [1.0] * 31,
+        "long_factor": [2.0] * 32,
+        "original_max_position_embeddings": 4096,
+        "factor": 4.0,
+      },
+      64,
+      r"rope_parameters\['short_factor'\] must have 32 entries",
+    ),
+    (
+      {
+        "rope_type": "longrope",
+        "rope_theta": 1e4,
+        "short_factor": [1.0] * 32,
+        "long_factor": [2.0] * 64,
+        "original_max_position_embeddings": 4096,
+        "factor": 4.0,
+      },
+      64,
+      r"rope_parameters\['long_factor'\] must have 32 entries",
+    ),
+    (
+      {
+        "rope_type": "longrope",
+        "rope_theta": 1e4,
+        "short_factor": [1.0] * 32,
+        "long_factor": [2.0] * 32,
+        "original_max_position_embeddings": 4096,
+      },
+      64,
+      r"rope_parameters\['factor'\] is required",
+    ),
+    (
+      {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
+      64,
+      r"rope_parameters\['max_position_embeddings'\] is required for rope_type 'dynamic'",
+    ),
+    (
+      {"rope_type": "linear", "rope_theta": 1e4, "factor": -1.0},
+      64,
+      r"rope_parameters\['factor'\] must be a number > 0",
+    ),
+    (
+      {
+        "rope_type": "llama3",
+        "rope_theta": 5e5,
+        "factor": 8.0,
+        "low_freq_factor": 4.0,
+        "high_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+      },
+      64,
+      r"rope_parameters\['high_freq_factor'\] must exceed",
+    ),
+    (
+      {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.5},
+      64,
+      r"rope_parameters\['partial_rotary_factor'\] must be <= 1",
+    ),
+    (
+      {"rope_type": "giraffe", "rope_theta": 1e4},
+      64,
+      r"rope_parameters\['truncate_wavelength'\] is required",
+    ),
+    ({"rope_type": "default", "rope_theta": 1e4}, 63, r"head_dim must be a positive even integer"),
+    ({"rope_theta": 1e4}, 64, r"rope_parameters\['rope_type'\] is required"),
+  ],
+)
+def test_bad_parameters_raise(params, head_dim, match):
+  with pytest.raises(ValueError, match=match):
+    rope.compute_inv_freq(params, head_dim)
+
+
+def test_bad_hf_config_raises():
+  with pytest.raises(ValueError, match=r"rope type 'foo' is unknown"):
+    rope.standardize_rope_parameters({"rope_scaling": {"type": "foo", "factor": 2.0}})
+  with pytest.raises(ValueError, match=r"rope_parameters\['factor'\] is required .* 'yarn'"):
+    rope.standardize_rope_parameters(
+      {"rope_scaling": {"type": "yarn"}, "max_position_embeddings": 4096}
+    )
+  with pytest.raises(ValueError, match=r"original_max_position_embeddings'\] is required"):
+    rope.standardize_rope_parameters({"rope_scaling": {"type": "yarn", "factor": 2.0}})
+  with pytest.raises(ValueError, match=r"per-layer"):
+    rope.standardize_rope_parameters(
+      {
+        "rope_parameters": {
+          "full_attention": {"rope_type": "default"},
+          "sliding_attention": {"rope_type": "default"},
+        }
+      }
+    )
+  with pytest.raises(ValueError, match=r"hf_config\['rope_parameters'\] must be a dict"):
+    rope.standardize_rope_parameters({"rope_parameters": [1, 2]})
