@@ -10,7 +10,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["RMSNorm", "SwiGLU", "dense", "resolve_dtype"]
+__all__ = [
+  "RMSNorm",
+  "SwiGLU",
+  "dense",
+  "resolve_dtype",
+  "token_embedding",
+  "output_head",
+  "vocab_logits",
+]
 
 
 def resolve_dtype(name: str) -> jnp.dtype:
@@ -62,3 +70,31 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+def token_embedding(cfg, *, dtype, rngs) -> nnx.Embed:
+  """The [vocab, d_model] float32 embedding every lcjax LM family uses."""
+  return nnx.Embed(
+    cfg.vocab_size,
+    cfg.d_model,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    embedding_init=nnx.initializers.normal(cfg.initializer_range),
+    rngs=rngs,
+  )
+
+
+def output_head(cfg, *, dtype, rngs):
+  """The [d_model, vocab] output layer, or None when `cfg.tie_embeddings` reuses the embedding."""
+  if cfg.tie_embeddings:
+    return None
+  return dense(
+    cfg.d_model, cfg.vocab_size, bias=False, dtype=dtype, init_std=cfg.initializer_range, rngs=rngs
+  )
+
+
+def vocab_logits(embed: nnx.Embed, lm_head, h_BTD: jax.Array) -> jax.Array:
+  """Float32 logits from hidden states through the output head (or the tied embedding)."""
+  if lm_head is None:
+    return embed.attend(h_BTD).astype(jnp.float32)
+  return lm_head(h_BTD).astype(jnp.float32)

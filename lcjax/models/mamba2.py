@@ -43,7 +43,14 @@ import ml_collections
 from flax import nnx
 
 from lcjax.config import ConfigError, require
-from lcjax.models.layers import RMSNorm, dense, resolve_dtype
+from lcjax.models.layers import (
+  RMSNorm,
+  dense,
+  output_head,
+  resolve_dtype,
+  token_embedding,
+  vocab_logits,
+)
 from lcjax.ssm.mitigations import forget_more_remember_less, ssd_windowed
 from lcjax.ssm.ssd import ssd_chunked, ssd_sequential, ssd_step
 
@@ -473,30 +480,12 @@ class Mamba2LM(nnx.Module):
     validate_mamba2_config(cfg)
     self.dtype = resolve_dtype(cfg.dtype)
     self.remat = cfg.remat
-    self.embed_tokens = nnx.Embed(
-      cfg.vocab_size,
-      cfg.d_model,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      embedding_init=nnx.initializers.normal(cfg.initializer_range),
-      rngs=rngs,
-    )
+    self.embed_tokens = token_embedding(cfg, dtype=self.dtype, rngs=rngs)
     self.layers = nnx.List(
       [Mamba2Block(cfg, dtype=self.dtype, rngs=rngs) for _ in range(cfg.num_layers)]
     )
     self.norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
-    self.lm_head = (
-      None
-      if cfg.tie_embeddings
-      else dense(
-        cfg.d_model,
-        cfg.vocab_size,
-        bias=False,
-        dtype=self.dtype,
-        init_std=cfg.initializer_range,
-        rngs=rngs,
-      )
-    )
+    self.lm_head = output_head(cfg, dtype=self.dtype, rngs=rngs)
 
   def hidden_states(
     self,
@@ -539,10 +528,7 @@ class Mamba2LM(nnx.Module):
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """Vocabulary logits in float32 from hidden states (tied or separate head)."""
-    h_BTD = h_BTD.astype(self.dtype)
-    if self.lm_head is None:
-      return self.embed_tokens.attend(h_BTD).astype(jnp.float32)
-    return self.lm_head(h_BTD).astype(jnp.float32)
+    return vocab_logits(self.embed_tokens, self.lm_head, h_BTD.astype(self.dtype))
 
   def __call__(self, tokens_BT, *, positions=None, segment_ids=None, token_index=None):
     """Logits [B,T,V] in float32."""

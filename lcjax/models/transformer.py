@@ -23,7 +23,15 @@ from flax import nnx
 
 from lcjax.attention import MaskSpec, dot_product_attention
 from lcjax.models.config import head_dim, layer_types, mamba_mixer_config, validate_model_config
-from lcjax.models.layers import RMSNorm, SwiGLU, dense, resolve_dtype
+from lcjax.models.layers import (
+  RMSNorm,
+  SwiGLU,
+  dense,
+  output_head,
+  resolve_dtype,
+  token_embedding,
+  vocab_logits,
+)
 from lcjax.models.mamba2 import Mamba2Mixer
 from lcjax.positional.rope import apply_rope, compute_inv_freq, query_scale, rope_cos_sin
 
@@ -252,31 +260,12 @@ class LlamaLM(nnx.Module):
     self.rope_items = tuple(
       (k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(cfg.rope.to_dict().items())
     )
-    self.embed_tokens = nnx.Embed(
-      cfg.vocab_size,
-      cfg.d_model,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      embedding_init=nnx.initializers.normal(cfg.initializer_range),
-      rngs=rngs,
-    )
+    self.embed_tokens = token_embedding(cfg, dtype=self.dtype, rngs=rngs)
     self.layers = nnx.List(
       [DecoderBlock(cfg, kind, dtype=self.dtype, rngs=rngs) for kind in layer_types(cfg)]
     )
     self.norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
-    # Tied models (cfg.tie_embeddings) reuse the embedding matrix as the output layer.
-    self.lm_head = (
-      None
-      if cfg.tie_embeddings
-      else dense(
-        cfg.d_model,
-        cfg.vocab_size,
-        bias=False,
-        dtype=self.dtype,
-        init_std=cfg.initializer_range,
-        rngs=rngs,
-      )
-    )
+    self.lm_head = output_head(cfg, dtype=self.dtype, rngs=rngs)
 
   @property
   def rope_parameters(self) -> dict:
@@ -346,9 +335,7 @@ class LlamaLM(nnx.Module):
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """Vocabulary logits in float32 from hidden states (tied or separate head)."""
-    if self.lm_head is None:
-      return self.embed_tokens.attend(h_BTD).astype(jnp.float32)
-    return self.lm_head(h_BTD).astype(jnp.float32)
+    return vocab_logits(self.embed_tokens, self.lm_head, h_BTD)
 
   def __call__(self, tokens_BT, *, positions=None, segment_ids=None, token_index=None) -> jax.Array:
     h_BTD, _ = self.hidden_states(
