@@ -10,7 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lcjax.models.projections import project, swiglu
+
 __all__ = [
+  "Dense",
   "RMSNorm",
   "SwiGLU",
   "dense",
@@ -28,18 +31,33 @@ def resolve_dtype(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
+class Dense(nnx.Module):
+  """y = x W (+ b) with float32 params `kernel` [in, out] (HF stores [out, in]) and `bias`.
+
+  `nnx.Linear`'s parameters and dtype rules (inputs and params cast to `dtype`), with
+  the matmul's backward written out as row-major matmuls (`projections.project`).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, init_std, rngs):
+    shape = (in_features, out_features)
+    self.kernel = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), shape, jnp.float32))
+    bias_param = None
+    if bias:  # draws a key, as nnx.Linear does, so initial values match it
+      rngs.params()
+      bias_param = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+    self.bias = bias_param
+    self.dtype = dtype
+
+  def __call__(self, x_BTI: jax.Array) -> jax.Array:
+    y_BTO = project(x_BTI.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y_BTO = y_BTO + self.bias[...].astype(self.dtype)
+    return y_BTO
+
+
 def dense(in_features: int, out_features: int, *, bias: bool, dtype, init_std: float, rngs):
-  """A Linear layer with float32 params, kernel [in, out] (HF stores [out, in])."""
-  return nnx.Linear(
-    in_features,
-    out_features,
-    use_bias=bias,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    kernel_init=nnx.initializers.normal(init_std),
-    bias_init=nnx.initializers.zeros_init(),
-    rngs=rngs,
-  )
+  """A `Dense` layer: float32 params, kernel [in, out], computing in `dtype`."""
+  return Dense(in_features, out_features, bias=bias, dtype=dtype, init_std=init_std, rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -69,7 +87,12 @@ class SwiGLU(nnx.Module):
     self.down_proj = dense(mlp_dim, d_model, bias=bias, dtype=dtype, init_std=init_std, rngs=rngs)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+    projections = (self.gate_proj, self.up_proj, self.down_proj)
+    if any(p.bias is not None for p in projections):
+      return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+    dtype = self.gate_proj.dtype
+    kernels = (p.kernel[...].astype(dtype) for p in projections)
+    return swiglu(x_BTD.astype(dtype), *kernels)
 
 
 def token_embedding(cfg, *, dtype, rngs) -> nnx.Embed:
