@@ -62,8 +62,8 @@ def _train_models():
     max_position_embeddings=1024,
     rope=rope(1024),
     dtype="float32",
-    attention_block_q=256,
-    attention_block_kv=256,
+    attention_block_q=128,
+    attention_block_kv=128,
   )
   return {
     "quickstart (d128 L4 T256 B8)": (quick, 8, 256),

@@ -19,6 +19,7 @@ from lcjax.attention.blockwise import (
 )
 from lcjax.attention.masks import EMPTY, FULL, PARTIAL, MaskSpec
 from lcjax.attention.reference import reference_attention, reference_attention_with_lse
+from lcjax.attention.unrolled import static_schedule, unrolled_attention_with_lse
 
 __all__ = [
   "IMPLS",
@@ -88,9 +89,11 @@ def dot_product_attention(
       token's index in the packed row (not its RoPE position); default arange, and kv
       defaults to q when T == S.
     impl: "reference" (materialized scores, the oracle), "blockwise" (pure-JAX flash
-      attention that skips empty blocks), "pallas" (`pallas_kernels.block_sparse_attention`:
-      Mosaic on TPU, Triton on GPU, interpret mode on CPU with a one-time notice) or
-      "auto" (pallas on TPU/GPU, blockwise on CPU; decided per call, never at import).
+      attention that skips empty blocks; with default positions and a small enough
+      block schedule it runs unrolled, `lcjax.attention.unrolled`), "pallas"
+      (`pallas_kernels.block_sparse_attention`: Mosaic on TPU, Triton on GPU, interpret
+      mode on CPU with a one-time notice) or "auto" (pallas on TPU/GPU, blockwise on
+      CPU; decided per call, never at import).
     scale: score scale, default 1/sqrt(D).
     block_q, block_kv: block sizes of the blockwise impl (clipped to T and S).
 
@@ -110,6 +113,24 @@ def dot_product_attention(
     return reference_attention(q_BTHD, k_BSKD, v_BSKD, **kwargs)
   if impl == "pallas":
     return _pallas_attention(q_BTHD, k_BSKD, v_BSKD, block_q, block_kv, kwargs)
+  if q_positions is None and kv_positions is None:
+    # Rows in order: the positional mask is static, so the block schedule is too.
+    T, S, Hkv = q_BTHD.shape[1], k_BSKD.shape[1], k_BSKD.shape[2]
+    bq, bk = min(block_q, T), min(block_kv, S)
+    schedule = static_schedule(mask, T, S, bq, bk, Hkv)
+    if schedule is not None:
+      return unrolled_attention_with_lse(
+        q_BTHD,
+        k_BSKD,
+        v_BSKD,
+        mask=mask,
+        schedule=schedule,
+        block_q=bq,
+        block_kv=bk,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        scale=scale,
+      )[0]
   return blockwise_attention(q_BTHD, k_BSKD, v_BSKD, block_q=block_q, block_kv=block_kv, **kwargs)
 
 

@@ -77,7 +77,7 @@ class Attention(nnx.Module):
     *,
     mask: MaskSpec,
     segment_ids_BT: jax.Array | None,
-    q_index_BT: jax.Array,
+    q_index_BT: jax.Array | None,
     cache: KVCache | None = None,
     cache_index: jax.Array | int = 0,
   ) -> tuple[jax.Array, KVCache | None]:
@@ -90,6 +90,9 @@ class Attention(nnx.Module):
     if rope.q_scale_BT is not None:
       q_BTHD = (q_BTHD * rope.q_scale_BT[:, :, None, None]).astype(q_BTHD.dtype)
 
+    in_order = q_index_BT is None  # no layout permutation: mask positions are arange(T)
+    if in_order:
+      q_index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     kv_index_BS, kv_segment_ids = q_index_BT, segment_ids_BT
     if cache is not None:
       if segment_ids_BT is not None:
@@ -113,8 +116,10 @@ class Attention(nnx.Module):
       mask=mask,
       q_segment_ids=segment_ids_BT,
       kv_segment_ids=kv_segment_ids,
-      q_positions=q_index_BT,
-      kv_positions=kv_index_BS,
+      # None tells the attention that positions are arange, so its block schedule is
+      # static (the unrolled CPU path); otherwise they are data.
+      q_positions=None if in_order and cache is None else q_index_BT,
+      kv_positions=None if in_order and cache is None else kv_index_BS,
       impl=self.impl,
       block_q=self.block_q,
       block_kv=self.block_kv,
@@ -316,8 +321,11 @@ class LlamaLM(nnx.Module):
     x_BTD = self.embed_tokens(tokens_BT)
     if caches is None:
       run_layer = _remat_layer(self.remat)
+      # Rows in order pass None as the token index, which lets attention use a static
+      # block schedule; permuted layouts pass the permutation.
+      layer_index_BT = None if token_index is None else q_index_BT
       for layer in self.layers:
-        x_BTD = run_layer(layer, x_BTD, rope, self.anchor, segment_ids, q_index_BT)
+        x_BTD = run_layer(layer, x_BTD, rope, self.anchor, segment_ids, layer_index_BT)
       return self.norm(x_BTD), None
     new_caches = []
     for layer, cache in zip(self.layers, caches, strict=True):
