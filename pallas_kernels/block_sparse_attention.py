@@ -40,7 +40,9 @@ Two launch styles share the per-block steps (`_forward_step`, `_dq_step`, `_dkv_
   tables, so step s copies in only the s-th listed block (padding steps repeat the last
   one, so no copy) and the carries live in VMEM scratch, as in splash attention. VMEM
   use is per block; the SMEM tables are O(nQ · nK) ints, which caps one call at about
-  T = 32K with 128-blocks (use larger blocks beyond).
+  T = 32K with 128-blocks (use larger blocks beyond). A per-head (strided) mask has
+  tables per kv head, Hkv times the SMEM: about T = 32K / sqrt(Hkv) with 128-blocks
+  (11K for 8 kv heads), or larger blocks, or fewer kv heads per call.
 
 The backend is chosen at call time, never at import: `interpret=None` runs the generic
 interpreter when q lives on a CPU; otherwise the call lowers per platform
@@ -56,7 +58,11 @@ backward kernels separately with the `blockwise_fwd`/`blockwise_bwd` signatures,
 is how ring attention runs its per-step computation through the kernels
 (`BLOCK_IMPLS["pallas"]`). The sparse layers of LongGen (Ge et al. 2024, "A Little Goes
 a Long Way: Efficient Long Context Training and Inference with Partial Contexts": sink +
-window) and AnchorAttention's documents-plus-anchor mask are block maps like any other.
+window, and strided blocks with a per-head phase as in S2-Attention, Lin et al. 2024)
+and AnchorAttention's documents-plus-anchor mask are block maps like any other. A
+strided mask (`MaskSpec.per_head`) differs per kv head, so its block map, tables and
+element mask are per kv head: each program reads the lists of its kv head (query head
+h // G in the forward and dQ grids), and heads skip different blocks.
 """
 
 from __future__ import annotations
@@ -146,17 +152,27 @@ def block_sparse_tables(
   block_q: int,
   block_kv: int,
   kv_len: int,
+  num_kv_heads: int | None = None,
 ) -> tuple[BlockTables, BlockTables]:
   """(forward/dQ tables per q block, dK/dV tables per kv block) for padded mask inputs.
 
-  Keys at index >= kv_len are padding and never visible.
+  Keys at index >= kv_len are padding and never visible. A per-head mask
+  (`mask.per_head`, strided) needs `num_kv_heads` and gets tables per kv head
+  ([B, Hkv, ...]); other masks one set shared by all heads ([B, ...]).
   """
   B, Sp = k_pos_BS.shape
   valid_BS = jnp.broadcast_to(jnp.arange(Sp) < kv_len, (B, Sp))
   block_map_BQK = mask.block_map(
-    q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, block_q=block_q, block_kv=block_kv, kv_valid=valid_BS
+    q_pos_BT,
+    k_pos_BS,
+    q_seg_BT,
+    k_seg_BS,
+    block_q=block_q,
+    block_kv=block_kv,
+    kv_valid=valid_BS,
+    num_kv_heads=num_kv_heads,
   )
-  return block_tables(block_map_BQK), block_tables(block_map_BQK.swapaxes(1, 2))
+  return block_tables(block_map_BQK), block_tables(block_map_BQK.swapaxes(-1, -2))
 
 
 _STATIC = ("mask", "scale", "block_q", "block_kv", "interpret")
@@ -191,13 +207,13 @@ def _prepare(q_BTHD, k_BSKD, v_BSKD, segs, positions, *, mask, scale, block_q, b
   """Statics, padded inputs and block tables shared by the differentiable and ring entries."""
   G = check_qkv(q_BTHD, k_BSKD, v_BSKD)
   B, T, Hq, D = q_BTHD.shape
-  S = k_BSKD.shape[1]
+  S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
   scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
   # Blocks never exceed the sequence (rounded up to a power of two, as Triton needs), so
   # tiny inputs are one block.
   bq, bk = min(block_q, _pow2_at_least(T)), min(block_kv, _pow2_at_least(S))
   Tp, Sp = _round_up(T, bq), _round_up(S, bk)
-  st = _Static(mask, scale, bq, bk, T, S, G, interpret)
+  st = _Static(mask, scale, bq, bk, T, S, G, interpret, Hkv)
   q_pos, k_pos, q_seg, k_seg = resolve_mask_inputs(mask, B, T, S, *positions, *segs)
   # Padded queries repeat the last position and segment (their rows are dropped);
   # padded keys are cut by kv_len in the tables and in the element mask.
@@ -205,7 +221,7 @@ def _prepare(q_BTHD, k_BSKD, v_BSKD, segs, positions, *, mask, scale, block_q, b
   if q_seg is not None:
     q_seg, k_seg = _pad_rows(q_seg, Tp, "edge"), _pad_rows(k_seg, Sp, "edge")
   fwd_tables, bwd_tables = block_sparse_tables(
-    mask, q_pos, k_pos, q_seg, k_seg, block_q=bq, block_kv=bk, kv_len=S
+    mask, q_pos, k_pos, q_seg, k_seg, block_q=bq, block_kv=bk, kv_len=S, num_kv_heads=Hkv
   )
   # Kernel layouts: heads before rows, so a block is a [rows, D] tile of one head.
   # Triton needs power-of-two tiles: zero-pad the head dim (zero columns of q and k add

@@ -8,8 +8,9 @@
   splash attention.
 
 Both run the per-block steps of `block_sparse_steps` (FlashAttention-2, Dao 2023,
-Alg. 1 and 2). The first three refs are the flattened tables (SMEM on TPU); then the
-position (and, with `document`, segment-id) rows; then the data blocks.
+Alg. 1 and 2). The first three refs are the flattened tables (SMEM on TPU; per kv head
+for a strided mask, see `_table_row`); then the position (and, with `document`,
+segment-id) rows; then the data blocks.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from pallas_kernels.block_sparse_steps import (
   _kv_block_ids,
   _kv_column_ids,
   _kv_row_block_ids,
+  _program_kv_head,
   _q_block_ids,
   _split_mask_refs,
+  _table_row,
 )
 
 # Loop kernels: one program per (batch, head, block) walks its whole list with a
@@ -40,7 +43,8 @@ def _forward_kernel(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_k
   """FlashAttention-2 Alg. 1 for one (batch, query head, q block) over its kv list."""
   q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, refs = _split_mask_refs(st, refs)
   q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-  row = pl.program_id(0) * n_q + pl.program_id(2)
+  kv_head = _program_kv_head(st, query_heads=True)
+  row = _table_row(st, pl.program_id(0), kv_head, pl.program_id(2), n_q)
   q, q_ids = q_ref[...], _q_block_ids(q_pos_ref, q_seg_ref)
 
   def step(s, carry):
@@ -48,7 +52,8 @@ def _forward_kernel(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_k
     rows = pl.ds(k_start, st.block_kv)
     k_ids = _kv_block_ids(st, k_pos_ref, k_seg_ref, k_start)
     kind = kv_kind_ref[row * n_kv + s]
-    return _forward_step(st, carry, q, q_ids, k_ref[rows, :], v_ref[rows, :], k_ids, kind)
+    k, v = k_ref[rows, :], v_ref[rows, :]
+    return _forward_step(st, carry, q, q_ids, k, v, k_ids, kind, kv_head)
 
   carry = lax.fori_loop(0, kv_count_ref[row], step, _forward_init(*q_ref.shape))
   _forward_finish(carry, o_ref, lse_ref)
@@ -58,7 +63,8 @@ def _dq_kernel(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv):
   """dQ of FlashAttention-2 Alg. 2 for one (batch, query head, q block) over its kv list."""
   q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, refs = _split_mask_refs(st, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-  row = pl.program_id(0) * n_q + pl.program_id(2)
+  kv_head = _program_kv_head(st, query_heads=True)
+  row = _table_row(st, pl.program_id(0), kv_head, pl.program_id(2), n_q)
   q, q_ids = q_ref[...], _q_block_ids(q_pos_ref, q_seg_ref)
   do, lse, delta = do_ref[...], lse_ref[...], delta_ref[...]
 
@@ -67,7 +73,8 @@ def _dq_kernel(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv):
     rows = pl.ds(k_start, st.block_kv)
     k_ids = _kv_block_ids(st, k_pos_ref, k_seg_ref, k_start)
     kind = kv_kind_ref[row * n_kv + s]
-    return _dq_step(st, dq, q, q_ids, do, lse, delta, k_ref[rows, :], v_ref[rows, :], k_ids, kind)
+    k, v = k_ref[rows, :], v_ref[rows, :]
+    return _dq_step(st, dq, q, q_ids, do, lse, delta, k, v, k_ids, kind, kv_head)
 
   dq = lax.fori_loop(0, kv_count_ref[row], step, jnp.zeros(q_ref.shape, jnp.float32))
   dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
@@ -81,8 +88,8 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_kind_ref, *refs, st, n_q, n_kv):
   """
   q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, refs = _split_mask_refs(st, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-  j = pl.program_id(2)
-  row = pl.program_id(0) * n_kv + j
+  j, kv_head = pl.program_id(2), _program_kv_head(st, query_heads=False)
+  row = _table_row(st, pl.program_id(0), kv_head, j, n_kv)
   k, v, k_ids = k_ref[...], v_ref[...], _kv_column_ids(st, k_pos_ref, k_seg_ref, j)
 
   def step(s, carry):
@@ -93,7 +100,7 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_kind_ref, *refs, st, n_q, n_kv):
     for g in range(st.groups):  # the query heads of this kv head (static, small)
       q, do = q_ref[g, rows, :], do_ref[g, rows, :]
       lse_row, delta_row = lse_ref[g, :, rows], delta_ref[g, :, rows]
-      carry = _dkv_step(st, carry, k, v, k_ids, q, q_ids, do, lse_row, delta_row, kind)
+      carry = _dkv_step(st, carry, k, v, k_ids, q, q_ids, do, lse_row, delta_row, kind, kv_head)
     return carry
 
   zeros = jnp.zeros(k_ref.shape, jnp.float32)
@@ -112,7 +119,9 @@ def _forward_kernel_tpu(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q,
   """FlashAttention-2 Alg. 1, step s of (batch, query head, q block): its s-th kv block."""
   q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, refs = _split_mask_refs(st, refs)
   q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, denom_sc, acc_sc = refs
-  row, s = pl.program_id(0) * n_q + pl.program_id(2), pl.program_id(3)
+  kv_head = _program_kv_head(st, query_heads=True)
+  row = _table_row(st, pl.program_id(0), kv_head, pl.program_id(2), n_q)
+  s = pl.program_id(3)
 
   @pl.when(s == 0)
   def _init():
@@ -126,7 +135,8 @@ def _forward_kernel_tpu(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q,
     carry = (m_sc[...], denom_sc[...], acc_sc[...])
     q_ids = _q_block_ids(q_pos_ref, q_seg_ref)
     kind = kv_kind_ref[row * n_kv + s]
-    carry = _forward_step(st, carry, q_ref[...], q_ids, k_ref[...], v_ref[...], k_ids, kind)
+    k, v = k_ref[...], v_ref[...]
+    carry = _forward_step(st, carry, q_ref[...], q_ids, k, v, k_ids, kind, kv_head)
     for ref, value in zip((m_sc, denom_sc, acc_sc), carry, strict=True):
       ref[...] = value
 
@@ -139,7 +149,9 @@ def _dq_kernel_tpu(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv
   """dQ of FlashAttention-2 Alg. 2, step s of (batch, query head, q block)."""
   q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, refs = _split_mask_refs(st, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc = refs
-  row, s = pl.program_id(0) * n_q + pl.program_id(2), pl.program_id(3)
+  kv_head = _program_kv_head(st, query_heads=True)
+  row = _table_row(st, pl.program_id(0), kv_head, pl.program_id(2), n_q)
+  s = pl.program_id(3)
 
   @pl.when(s == 0)
   def _init():
@@ -152,7 +164,8 @@ def _dq_kernel_tpu(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv
     q_ids = _q_block_ids(q_pos_ref, q_seg_ref)
     kind = kv_kind_ref[row * n_kv + s]
     q_side = (q_ref[...], q_ids, do_ref[...], lse_ref[...], delta_ref[...])
-    dq_sc[...] = _dq_step(st, dq_sc[...], *q_side, k_ref[...], v_ref[...], k_ids, kind)
+    k, v = k_ref[...], v_ref[...]
+    dq_sc[...] = _dq_step(st, dq_sc[...], *q_side, k, v, k_ids, kind, kv_head)
 
   @pl.when(s == n_kv - 1)
   def _finish():
@@ -164,8 +177,8 @@ def _dkv_kernel_tpu(q_index_ref, q_count_ref, q_kind_ref, *refs, st, n_q, n_kv):
   block that sees it, for the G query heads of the kv head (q-side blocks [G, bq, .])."""
   q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, refs = _split_mask_refs(st, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
-  j, s = pl.program_id(2), pl.program_id(3)
-  row = pl.program_id(0) * n_kv + j
+  j, s, kv_head = pl.program_id(2), pl.program_id(3), _program_kv_head(st, query_heads=False)
+  row = _table_row(st, pl.program_id(0), kv_head, j, n_kv)
 
   @pl.when(s == 0)
   def _init():
@@ -180,7 +193,7 @@ def _dkv_kernel_tpu(q_index_ref, q_count_ref, q_kind_ref, *refs, st, n_q, n_kv):
     carry, k, v = (dk_sc[...], dv_sc[...]), k_ref[...], v_ref[...]
     for g in range(st.groups):  # the query heads of this kv head (static, small)
       q_side = (q_ref[g], q_ids, do_ref[g], lse_ref[g], delta_ref[g])
-      carry = _dkv_step(st, carry, k, v, k_ids, *q_side, kind)
+      carry = _dkv_step(st, carry, k, v, k_ids, *q_side, kind, kv_head)
     dk_sc[...], dv_sc[...] = carry
 
   @pl.when(s == n_q - 1)

@@ -5,7 +5,8 @@ Dao 2023), both launch variants of `block_sparse_kernels` and `_launch` picks on
 time: the loop kernels interpreted (CPU) or through Triton (GPU), the pipelined kernels
 through Mosaic with scalar-prefetched tables (TPU) or in the TPU interpreter. The
 dK/dV kernel reads the transposed tables (q blocks per kv block) and the G query heads
-of each kv head (GQA), so K and V are never repeated.
+of each kv head (GQA), so K and V are never repeated. A per-head (strided) mask has
+tables per kv head, which the index maps and kernels read at the program's kv head.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pallas_kernels.block_sparse_kernels import (
   _forward_kernel,
   _forward_kernel_tpu,
 )
+from pallas_kernels.block_sparse_steps import _table_row
 from pallas_kernels.block_tables import BlockTables
 
 
@@ -103,9 +105,18 @@ def _whole_spec(shape, *, head_axis=True, group=1):
   return pl.BlockSpec((None, *shape), lambda b, h, i, *_: (b, 0, 0))
 
 
-def _listed(n_outer, n_steps):
-  """The block that grid step (b, ., i, s) visits, read from a scalar-prefetched table."""
-  return lambda b, i, s, index_ref: index_ref[(b * n_outer + i) * n_steps + s]
+def _listed(st, n_outer, n_steps, group):
+  """The block that grid step (b, h, i, s) visits, read from a scalar-prefetched table.
+
+  h is a query head (group = G: kv head h // G) or a kv head (group = 1); only a
+  per-head mask's tables depend on it.
+  """
+
+  def listed(b, h, i, s, index_ref):
+    kv_head = lax.div(h, group) if st.mask.per_head and group > 1 else h
+    return index_ref[_table_row(st, b, kv_head, i, n_outer) * n_steps + s]
+
+  return listed
 
 
 def _mask_inputs(st, q_ids_BT, k_ids_BS, *, transposed):
@@ -119,19 +130,19 @@ def _mask_inputs(st, q_ids_BT, k_ids_BS, *, transposed):
   Tp, Sp = q_ids_BT[0].shape[1], k_ids_BS[0].shape[1]
   n_q, n_kv = Tp // st.block_q, Sp // st.block_kv
   if transposed:
-    listed = _listed(n_kv, n_q)
+    listed = _listed(st, n_kv, n_q, 1)
     own_spec = _rows_spec((st.block_kv, 1), head_axis=False)  # k ids, by kv block
     loop_other = _whole_spec((1, Tp), head_axis=False)
     tpu_other = pl.BlockSpec(
-      (None, 1, st.block_q), lambda b, h, j, s, idx, *_: (b, 0, listed(b, j, s, idx))
+      (None, 1, st.block_q), lambda b, h, j, s, idx, *_: (b, 0, listed(b, h, j, s, idx))
     )
     as_q, as_k = (lambda x: x[:, None, :]), (lambda x: x[:, :, None])
   else:
-    listed = _listed(n_q, n_kv)
+    listed = _listed(st, n_q, n_kv, st.groups)
     own_spec = _rows_spec((st.block_q, 1), head_axis=False)  # q ids, by q block
     loop_other = _whole_spec((1, Sp), head_axis=False)
     tpu_other = pl.BlockSpec(
-      (None, 1, st.block_kv), lambda b, h, i, s, idx, *_: (b, 0, listed(b, i, s, idx))
+      (None, 1, st.block_kv), lambda b, h, i, s, idx, *_: (b, 0, listed(b, h, i, s, idx))
     )
     as_q, as_k = (lambda x: x[:, :, None]), (lambda x: x[:, None, :])
   q_spec, k_spec = (loop_other, own_spec) if transposed else (own_spec, loop_other)
@@ -159,10 +170,11 @@ def _forward(st, q_BHTD, k_BKSD, v_BKSD, q_pos, k_pos, q_seg, k_seg, fwd_tables)
   ids, loop_id_specs, tpu_id_specs = _mask_inputs(
     st, (q_pos, q_seg), (k_pos, k_seg), transposed=False
   )
-  listed = _listed(n_q, n_kv)
+  listed = _listed(st, n_q, n_kv, G)
   q_tpu = pl.BlockSpec((None, None, bq, D), lambda b, h, i, s, *_: (b, h, i, 0))
   kv_tpu = pl.BlockSpec(
-    (None, None, bk, D), lambda b, h, i, s, idx, *_: (b, lax.div(h, G), listed(b, i, s, idx), 0)
+    (None, None, bk, D),
+    lambda b, h, i, s, idx, *_: (b, lax.div(h, G), listed(b, h, i, s, idx), 0),
   )
   out_tpu = [q_tpu, pl.BlockSpec((None, None, bq, 1), lambda b, h, i, s, *_: (b, h, i, 0))]
   statics = dict(st=st, n_q=n_q, n_kv=n_kv)
@@ -204,12 +216,13 @@ def _backward(st, res, dout_BHTD, dlse_BHT1):
   ids, loop_id_specs, tpu_id_specs = _mask_inputs(
     st, (q_pos, q_seg), (k_pos, k_seg), transposed=False
   )
-  listed = _listed(n_q, n_kv)
+  listed = _listed(st, n_q, n_kv, G)
   q_rows = [_rows_spec((bq, D)), _rows_spec((bq, 1))]
   q_tpu = pl.BlockSpec((None, None, bq, D), lambda b, h, i, s, *_: (b, h, i, 0))
   col_tpu = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, s, *_: (b, h, i, 0))
   kv_tpu = pl.BlockSpec(
-    (None, None, bk, D), lambda b, h, i, s, idx, *_: (b, lax.div(h, G), listed(b, i, s, idx), 0)
+    (None, None, bk, D),
+    lambda b, h, i, s, idx, *_: (b, lax.div(h, G), listed(b, h, i, s, idx), 0),
   )
   loop = _Variant(
     functools.partial(_dq_kernel, **statics),
@@ -239,7 +252,7 @@ def _backward(st, res, dout_BHTD, dlse_BHT1):
   ids, loop_id_specs, tpu_id_specs = _mask_inputs(
     st, (q_pos, q_seg), (k_pos, k_seg), transposed=True
   )
-  listed = _listed(n_kv, n_q)
+  listed = _listed(st, n_kv, n_q, 1)
   q_BKGTD, do_BKGTD = (x.reshape(B, Hkv, G, Tp, D) for x in (q_BHTD, dout_BHTD))
   lse_BKG1T, delta_BKG1T = (x.reshape(B, Hkv, G, 1, Tp) for x in (lse_BHT1, delta_BHT1))
 
@@ -247,10 +260,10 @@ def _backward(st, res, dout_BHTD, dlse_BHT1):
     return pl.BlockSpec((None, None, G, *shape), lambda b, h, j, *_: (b, h, 0, 0, 0))
 
   q_tpu = pl.BlockSpec(
-    (None, None, G, bq, D), lambda b, h, j, s, idx, *_: (b, h, 0, listed(b, j, s, idx), 0)
+    (None, None, G, bq, D), lambda b, h, j, s, idx, *_: (b, h, 0, listed(b, h, j, s, idx), 0)
   )
   row_tpu = pl.BlockSpec(
-    (None, None, G, 1, bq), lambda b, h, j, s, idx, *_: (b, h, 0, 0, listed(b, j, s, idx))
+    (None, None, G, 1, bq), lambda b, h, j, s, idx, *_: (b, h, 0, 0, listed(b, h, j, s, idx))
   )
   kv_block = _rows_spec((bk, D))
   loop = _Variant(

@@ -2,12 +2,13 @@
 
 The online-softmax forward update (Alg. 1) and the dQ and dK/dV backward updates
 (Alg. 2) on one (q block, kv block) pair, plus the element mask that PARTIAL blocks
-apply (`MaskSpec.allowed`; FULL blocks skip it) and the position / segment-id slices
-each step masks with. Shared by the loop kernels (GPU, interpreter) and the pipelined
-TPU kernels in `block_sparse_kernels`, so both compute the same thing per block. The
-visited blocks come from the block tables (SeerAttention / LongGen block sparsity:
-LongGen, Ge et al. 2024, "A Little Goes a Long Way: Efficient Long Context Training and
-Inference with Partial Contexts"; AnchorAttention's anchor column is one more listed block).
+apply (`MaskSpec.allowed`, at the program's kv head for strided masks; FULL blocks skip
+it) and the position / segment-id slices each step masks with. Shared by the loop
+kernels (GPU, interpreter) and the pipelined TPU kernels in `block_sparse_kernels`, so
+both compute the same thing per block. The visited blocks come from the block tables
+(SeerAttention / LongGen block sparsity: LongGen, Ge et al. 2024, "A Little Goes a Long
+Way: Efficient Long Context Training and Inference with Partial Contexts";
+AnchorAttention's anchor column is one more listed block).
 """
 
 from __future__ import annotations
@@ -33,11 +34,37 @@ class _Static(NamedTuple):
   kv_len: int  # S before padding: keys at index >= kv_len are padding, never visible
   groups: int  # G = Hq // Hkv
   interpret: bool | pltpu.InterpretParams  # InterpretParams: the TPU launcher, simulated
+  kv_heads: int  # Hkv: a per-head (strided) mask has one table and pattern per kv head
 
 
 # ---------------------------------------------------------------------------------------
 # Kernel bodies. The first three refs are the flattened tables (SMEM on TPU); then the
 # position (and, with `document`, segment-id) rows; then the data blocks.
+
+
+def _table_row(st, b, kv_head, block, n_blocks):
+  """Row of the flattened [B, H, n_blocks, steps] tables for batch row b and `block`.
+
+  A per-head mask (`MaskSpec.per_head`, strided) has tables per kv head (H = Hkv); any
+  other mask one table shared by all heads (H = 1), read as head 0. `kv_head` is the
+  program's kv head: query head // G in the forward and dQ grids, the grid's own head
+  in the dK/dV grid.
+  """
+  if not st.mask.per_head:
+    return b * n_blocks + block
+  return (b * st.kv_heads + kv_head) * n_blocks + block
+
+
+def _program_kv_head(st, *, query_heads):
+  """The kv head of this program: program_id(1) is a query head (GQA: h // G) or a kv head.
+
+  None unless the mask is per head (nothing else reads it). `lax.div`, not `//`, on
+  traced ints (see `block_sparse_launch._whole_spec`).
+  """
+  if not st.mask.per_head:
+    return None
+  h = pl.program_id(1)
+  return lax.div(h, st.groups) if query_heads and st.groups > 1 else h
 
 
 def _split_mask_refs(st, refs):
@@ -52,15 +79,16 @@ def _dot_t(x, y):
   return lax.dot_general(x, y, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _mask_block(st, s, kind, q_pos, k_pos, q_seg, k_seg, k_index):
+def _mask_block(st, s, kind, q_pos, k_pos, q_seg, k_seg, k_index, kv_head):
   """On PARTIAL blocks, -inf where `MaskSpec.allowed` is False or the key is padding.
 
   The ids broadcast to s's shape: [bq, 1] against [1, bk] for a q kᵀ block, or [1, bq]
   against [bk, 1] for a k qᵀ block (the dK/dV kernel). FULL blocks skip the mask.
+  `kv_head` (a scalar) selects the pattern of a per-head mask; others ignore it.
   """
 
   def apply_mask(s):
-    allowed = st.mask.allowed(q_pos, k_pos, q_seg, k_seg)
+    allowed = st.mask.allowed(q_pos, k_pos, q_seg, k_seg, kv_head=kv_head, num_kv_heads=st.kv_heads)
     allowed = jnp.logical_and(allowed, k_index < st.kv_len)
     return jnp.where(allowed, s, -jnp.inf)
 
@@ -77,13 +105,16 @@ def _kv_block_ids(st, k_pos_ref, k_seg_ref, k_start):
 
 # Per-block steps on values, shared by the loop kernels (one program walks its list) and
 # the pipelined TPU kernels (one grid step per list entry, carries in VMEM scratch).
-# q_ids = (q_pos, q_seg) and k_ids = (k_pos, k_seg, k_index) as `_mask_block` takes them.
+# q_ids = (q_pos, q_seg) and k_ids = (k_pos, k_seg, k_index) as `_mask_block` takes them;
+# kv_head is the program's kv head (for per-head masks).
 
 
-def _forward_step(st, carry, q, q_ids, k, v, k_ids, kind):
+def _forward_step(st, carry, q, q_ids, k, v, k_ids, kind, kv_head):
   """One online-softmax update (FlashAttention-2 Alg. 1, inner loop) with kv block j."""
   m, denom, acc = carry
-  scores = _mask_block(st, _dot_t(q, k) * st.scale, kind, q_ids[0], k_ids[0], q_ids[1], *k_ids[1:])
+  scores = _mask_block(
+    st, _dot_t(q, k) * st.scale, kind, q_ids[0], k_ids[0], q_ids[1], *k_ids[1:], kv_head
+  )
   m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))
   # While a row has seen no visible key its max is -inf; shift by 0 so exp gives 0.
   m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -110,15 +141,17 @@ def _forward_finish(carry, o_ref, lse_ref):
   lse_ref[...] = jnp.where(nonempty, m + jnp.log(denom_safe), -jnp.inf)
 
 
-def _dq_step(st, dq, q, q_ids, do, lse, delta, k, v, k_ids, kind):
+def _dq_step(st, dq, q, q_ids, do, lse, delta, k, v, k_ids, kind, kv_head):
   """dQ += dS K for kv block j (FlashAttention-2 Alg. 2), unscaled."""
-  scores = _mask_block(st, _dot_t(q, k) * st.scale, kind, q_ids[0], k_ids[0], q_ids[1], *k_ids[1:])
+  scores = _mask_block(
+    st, _dot_t(q, k) * st.scale, kind, q_ids[0], k_ids[0], q_ids[1], *k_ids[1:], kv_head
+  )
   p = jnp.exp(scores - lse)  # P_ij = exp(S_ij - L_i); lse is +inf on empty rows
   ds = p * (_dot_t(do, v) - delta)  # dS = P ∘ (dO Vᵀ - Delta)
   return dq + jnp.dot(ds, k.astype(jnp.float32), preferred_element_type=jnp.float32)
 
 
-def _dkv_step(st, carry, k, v, k_ids, q, q_ids, do, lse_row, delta_row, kind):
+def _dkv_step(st, carry, k, v, k_ids, q, q_ids, do, lse_row, delta_row, kind, kv_head):
   """dV += Pᵀ dO, dK += dSᵀ Q (unscaled) for one q block of one query head.
 
   Works on transposed blocks Sᵀ = K Qᵀ [bk, bq], so every product is a plain or an
@@ -126,7 +159,7 @@ def _dkv_step(st, carry, k, v, k_ids, q, q_ids, do, lse_row, delta_row, kind):
   """
   dk, dv = carry
   scores_t = _mask_block(
-    st, _dot_t(k, q) * st.scale, kind, q_ids[0], k_ids[0], q_ids[1], *k_ids[1:]
+    st, _dot_t(k, q) * st.scale, kind, q_ids[0], k_ids[0], q_ids[1], *k_ids[1:], kv_head
   )
   p_t = jnp.exp(scores_t - lse_row)  # Pᵀ
   dv = dv + jnp.dot(p_t, do.astype(jnp.float32), preferred_element_type=jnp.float32)

@@ -14,6 +14,10 @@ repeat the last visited block, so a pipelined TPU grid over steps issues no new 
 them (splash's "data_next" trick). Transposing the block map first gives the lists of q
 blocks per kv block, which the dK/dV pass of FlashAttention-2 (Dao 2023, Alg. 2) loops
 over. The tables are computed at run time from segment ids, inside jit, by every backend.
+
+A per-head mask (S2-Attention / LongGen strided blocks, `MaskSpec.per_head`) has a
+block map [B, Hkv, nQ, nK] and so one list per (b, kv head, i): leading axes are
+compacted alike, and `visited_blocks` then counts (row, kv head, q block, kv block).
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ __all__ = ["BlockTables", "block_tables", "visited_blocks"]
 
 
 class BlockTables(NamedTuple):
-  """Compacted visiting lists of a block map [B, nQ, nK] (all int32)."""
+  """Compacted visiting lists of a block map [B, nQ, nK] (all int32).
+
+  For a per-head block map [B, Hkv, nQ, nK] every field has the extra kv-head axis.
+  """
 
   kv_index_BQK: jax.Array  # [B, nQ, nK] kv block of each step; padding repeats the last one
   kv_count_BQ: jax.Array  # [B, nQ] number of real steps
@@ -41,11 +48,14 @@ def block_tables(block_map_BQK: jax.Array) -> BlockTables:
 
   The non-empty kv blocks of each (b, i) row keep their kv order (a stable sort moves
   the empty ones to the end). For a row with no visible block, count is 0 and every
-  index is 0. Pass `block_map_BQK.swapaxes(1, 2)` to get per-kv-block lists of q blocks.
+  index is 0. Pass `block_map_BQK.swapaxes(-1, -2)` to get per-kv-block lists of q
+  blocks. A per-head map [B, Hkv, nQ, nK] gives lists per (b, kv head, i).
   """
   block_map_BQK = jnp.asarray(block_map_BQK)
-  if block_map_BQK.ndim != 3:
-    raise ValueError(f"block_map must be [B, nQ, nK], got shape {block_map_BQK.shape}")
+  if block_map_BQK.ndim not in (3, 4):
+    raise ValueError(
+      f"block_map must be [B, nQ, nK] or [B, Hkv, nQ, nK], got shape {block_map_BQK.shape}"
+    )
   n_kv = block_map_BQK.shape[-1]
   visit_BQK = block_map_BQK != EMPTY
   # Stable argsort of "is empty": visited blocks first, each group in kv order.
@@ -61,5 +71,6 @@ def block_tables(block_map_BQK: jax.Array) -> BlockTables:
 
 
 def visited_blocks(tables: BlockTables) -> jax.Array:
-  """How many (row, q block, kv block) triples a kernel driven by these tables computes."""
+  """How many (row, q block, kv block) triples a kernel driven by these tables computes
+  (per kv head, summed over the heads, for per-head tables)."""
   return tables.kv_count_BQ.sum()

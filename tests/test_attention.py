@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from lcjax.attention import (
+  EMPTY,
   MaskSpec,
   blockwise_attention_stats,
   blockwise_attention_with_lse,
@@ -92,6 +93,17 @@ CASES = {
     dict(mask=MaskSpec(causal=False, document=True, window=13), q_segment_ids=SEG),
     2,
     1,
+  ),
+  # Strided blocks with a per-kv-head phase (S2-Attention / LongGen), GQA: sparse blocks
+  # of 8 against kernel blocks of 16; then documents, sinks and 4-token sparse blocks.
+  "strided_gqa": (dict(mask=MaskSpec(stride=3, stride_block=8)), 4, 2),
+  "strided_document_sinks": (
+    dict(
+      mask=MaskSpec(document=True, sinks=2, stride=4, stride_block=4, head_phase_step=1),
+      q_segment_ids=SEG,
+    ),
+    4,
+    4,
   ),
 }
 
@@ -340,3 +352,58 @@ def test_default_scale_is_inverse_sqrt_head_dim():
       q * math.sqrt(8), k, v, mask=MaskSpec(), impl=impl, scale=1 / 8, block_q=8, block_kv=8
     )
     np.testing.assert_allclose(default, explicit, **FP32_TOL)
+
+
+def test_strided_reference_matches_numpy_attention():
+  """The oracle itself for a strided GQA mask: softmax attention in numpy where query
+  head j uses kv head j // G and the S2-Attention pattern of that kv head, written from
+  its definition (causal and (q_blk - k_blk < local or (k_blk + h·step) % stride == 0))."""
+  T, Hq, Hkv, D, block, stride = 40, 4, 2, 8, 4, 4
+  q, k, v, _ = random_qkv(15, 1, T, T, Hq, Hkv, D)
+  mask = MaskSpec(stride=stride, stride_block=block, local_blocks=2)
+  out = np.asarray(dot_product_attention(q, k, v, mask=mask, impl="reference"))
+  pos = np.arange(T)
+  q_blk, k_blk = pos[:, None] // block, pos[None, :] // block
+  step = stride // Hkv
+  for j in range(Hq):
+    h = j // (Hq // Hkv)
+    vertical = (k_blk + h * step) % stride == 0
+    allowed = (pos[None, :] <= pos[:, None]) & ((q_blk - k_blk < 2) | vertical)
+    scores = np.asarray(q)[0, :, j] @ np.asarray(k)[0, :, h].T / np.sqrt(D)
+    scores = np.where(allowed, scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (p / p.sum(-1, keepdims=True)) @ np.asarray(v)[0, :, h]
+    np.testing.assert_allclose(out[0, :, j], want, **FP32_TOL, err_msg=f"query head {j}")
+
+
+def test_strided_bfloat16_with_documents_and_ragged_length():
+  """bf16 (tolerance as in test_bfloat16_inputs), T = 100 with blocks of 32 (padded last
+  block), GQA, documents starting mid-block, 8-token sparse blocks with an offset."""
+  q, k, v, w = random_qkv(16, 1, 100, 100, 4, 2, 8, dtype=jnp.bfloat16)
+  seg = packed_rows(1, 100, [[33, 50, 10]])
+  mask = MaskSpec(document=True, stride=4, stride_block=8, local_blocks=2, stride_offset=1)
+  tol = dict(rtol=2**-7, atol=2**-7 * 0.1)
+  assert_blockwise_matches_reference(
+    q, k, v, w, tol=tol, mask=mask, q_segment_ids=seg, block_q=32, block_kv=32
+  )
+
+
+def test_strided_block_skipping_is_the_union_over_heads():
+  """The blockwise loop computes a pair iff some kv head's block map needs it: with one
+  kv head it skips that head's empty blocks; with stride kv heads it computes the union,
+  every causal pair (the Pallas kernels skip per head instead)."""
+  T, block = 256, 32
+  nQ = T // block
+  mask = MaskSpec(stride=4, stride_block=block, local_blocks=1)
+  pos = jnp.arange(T)[None]
+  for Hkv, want in ((1, None), (4, nQ * (nQ + 1) // 2)):
+    q, k, v, _ = random_qkv(17, 1, T, T, Hkv, Hkv, 8)
+    stats = blockwise_attention_stats(q, k, v, mask=mask, block_q=block, block_kv=block)
+    bmap = mask.block_map(pos, pos, None, None, block_q=block, block_kv=block, num_kv_heads=Hkv)
+    assert bmap.shape == (1, Hkv, nQ, nQ)
+    union = int((np.asarray(bmap) != EMPTY).any((0, 1)).sum())
+    assert int(stats["visited"]) == int(visited_block_pairs(bmap)) == union
+    if want is not None:
+      assert union == want
+    else:  # one head: the diagonal band plus every 4th kv block below it
+      assert union == nQ + sum(1 for i in range(nQ) for j in range(i) if j % 4 == 0 and j < i)

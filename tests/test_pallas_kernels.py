@@ -133,6 +133,25 @@ CASES = {
     90,
     24,
   ),
+  # Strided blocks with a per-kv-head phase (S2-Attention / LongGen): per-head tables and
+  # element masks. Sparse blocks of 8 inside kernel blocks of 16, with documents and GQA;
+  # then sparse blocks of 32 spanning two kernel blocks, with sinks, 3 kv heads, bf16.
+  "strided_document_gqa_fp32": (
+    dict(mask=MaskSpec(document=True, stride=3, stride_block=8), q_segment_ids=SEG_100),
+    4,
+    2,
+    jnp.float32,
+    100,
+    16,
+  ),
+  "strided_sinks_bf16": (
+    dict(mask=MaskSpec(sinks=3, stride=3, stride_block=32, head_phase_step=1, stride_offset=1)),
+    3,
+    3,
+    jnp.bfloat16,
+    90,
+    16,
+  ),
 }
 
 
@@ -241,6 +260,47 @@ def dense_nonempty_blocks(mask, pos_BT, seg_BT, block):
   return jax.jit(lambda: lax.map(q_block, jnp.arange(n)).transpose(1, 0, 2))()
 
 
+def listed_blocks(tables, n):
+  """[..., n, n] bool: the blocks that the compacted lists name, per row (and head)."""
+  index, count = np.asarray(tables.kv_index_BQK), np.asarray(tables.kv_count_BQ)
+  listed = np.zeros(index.shape[:-1] + (n,), bool)
+  for row in np.ndindex(*count.shape):
+    listed[row + (index[row][: count[row]],)] = True
+  return listed
+
+
+def test_strided_tables_visit_exactly_the_nonempty_blocks_at_8k():
+  """S2-Attention at T = 8192 with 128-blocks (stride_block=128, local_blocks=4, stride
+  8, 8 kv heads): the per-head tables list exactly the (kv head, q block, kv block)
+  triples where the dense mask of that head allows a pair, forward and transposed; each
+  head visits a fraction of dense causal and the heads together cover all of it."""
+  T, block, Hkv = 8192, 128, 8
+  n = T // block
+  mask = MaskSpec(stride=8, stride_block=128, local_blocks=4)
+  pos_BT = jnp.arange(T, dtype=jnp.int32)[None]
+  fwd_tables, bwd_tables = block_sparse_tables(
+    mask, pos_BT, pos_BT, None, None, block_q=block, block_kv=block, kv_len=T, num_kv_heads=Hkv
+  )
+  assert fwd_tables.kv_count_BQ.shape == (1, Hkv, n)
+
+  def head_blocks(h):  # [n, n] non-empty blocks of kv head h, one q block at a time
+    def q_block(i):
+      q_pos_Q1 = lax.dynamic_slice_in_dim(pos_BT[0], i * block, block)[:, None]
+      allowed_QS = mask.allowed(q_pos_Q1, pos_BT[0][None, :], kv_head=h, num_kv_heads=Hkv)
+      return allowed_QS.reshape(block, n, block).any((0, 2))
+
+    return lax.map(q_block, jnp.arange(n))
+
+  dense_HQK = np.asarray(jax.jit(lambda: lax.map(head_blocks, jnp.arange(Hkv)))())
+  n_dense = int(dense_HQK.sum())
+  assert int(visited_blocks(fwd_tables)) == int(visited_blocks(bwd_tables)) == n_dense
+  np.testing.assert_array_equal(listed_blocks(fwd_tables, n)[0], dense_HQK)
+  np.testing.assert_array_equal(listed_blocks(bwd_tables, n)[0], dense_HQK.swapaxes(1, 2))
+  n_causal = n * (n + 1) // 2
+  assert np.all(dense_HQK.sum((1, 2)) < 0.25 * n_causal)
+  np.testing.assert_array_equal(dense_HQK.any(0), np.tril(np.ones((n, n), bool)))
+
+
 def test_anchor_tables_visit_exactly_the_nonempty_blocks_at_8k():
   """8 documents at T = 8192 with 128-blocks: the tables the kernel loops over list every
   (q block, kv block) pair where the dense anchor mask allows a pair, and nothing else."""
@@ -259,11 +319,7 @@ def test_anchor_tables_visit_exactly_the_nonempty_blocks_at_8k():
   assert int(visited_blocks(fwd_tables)) == n_dense
   assert int(visited_blocks(bwd_tables)) == n_dense
   # The listed blocks are exactly the dense non-empty ones (not just as many).
-  listed_BQK = np.zeros_like(dense_BQK)
-  index_BQK, count_BQ = np.asarray(fwd_tables.kv_index_BQK), np.asarray(fwd_tables.kv_count_BQ)
-  for i in range(T // block):
-    listed_BQK[0, i, index_BQK[0, i, : count_BQ[0, i]]] = True
-  np.testing.assert_array_equal(listed_BQK, dense_BQK)
+  np.testing.assert_array_equal(listed_blocks(fwd_tables, T // block), dense_BQK)
   # Every q block visits the anchor block; far fewer pairs than dense causal.
   assert np.all(dense_BQK[0, :, 0])
   n_causal = (T // block) * (T // block + 1) // 2
@@ -308,6 +364,24 @@ def test_tpu_launcher_in_tpu_interpreter():
   )
 
 
+def test_tpu_launcher_in_tpu_interpreter_strided():
+  """The same TPU path with per-head tables (S2-Attention strided blocks, stride_block =
+  the 128-block, plus sinks): each kv head's index maps fetch only its own listed blocks
+  (in q block 2, head 0 skips kv block 1, and head 1 visits kv block 0 only for the 5
+  sinks, with the element mask).
+  GQA, T=300 padded to 384, fp32 == reference."""
+  q, k, v, weights = random_qkv(8, 1, 300, 300, 4, 2, 128)
+  mask = MaskSpec(stride=2, stride_block=128, sinks=5)
+  pos = jnp.arange(384)[None]
+  bmap = mask.block_map(pos, pos, None, None, block_q=128, block_kv=128, num_kv_heads=2)
+  np.testing.assert_array_equal(bmap[0, :, 2], [[FULL, EMPTY, PARTIAL], [PARTIAL, FULL, PARTIAL]])
+
+  def tpu_interpreted(q, k, v, **kwargs):
+    return block_sparse_attention(q, k, v, interpret=pltpu.InterpretParams(), **kwargs)
+
+  assert_kernel_matches(q, k, v, weights, FP32_TOL, fn=tpu_interpreted, with_twin=False, mask=mask)
+
+
 def _fwd_and_bwd(mask, T=200):
   """Compiled-mode (interpret=False) forward and forward+backward of the anchor kernel."""
 
@@ -330,13 +404,20 @@ def _fwd_and_bwd(mask, T=200):
 
 
 LOWERED_KERNELS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+# The anchor mask (one table for all heads) and a strided one (per-head tables and
+# element mask, with sparse blocks of 64 inside the 128-blocks).
+COMPILED_MASKS = {
+  "anchor": MaskSpec(document=True, anchor=True),
+  "strided": MaskSpec(document=True, stride=2, stride_block=64, sinks=4),
+}
 
 
+@pytest.mark.parametrize("mask", list(COMPILED_MASKS))
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_lowers_for_accelerators_from_cpu(platform):
+def test_lowers_for_accelerators_from_cpu(platform, mask):
   """Forward (1 kernel) and forward+backward (3 kernels: fwd, dQ, dK/dV) lower to Triton
   for CUDA and to Mosaic for TPU. Catches lowering errors; runs no accelerator compiler."""
-  fwd, fwd_bwd, args = _fwd_and_bwd(MaskSpec(document=True, anchor=True))
+  fwd, fwd_bwd, args = _fwd_and_bwd(COMPILED_MASKS[mask])
   for fn, n_kernels in ((fwd, 1), (fwd_bwd, 3)):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert text.count(LOWERED_KERNELS[platform]) == n_kernels
@@ -348,7 +429,7 @@ NO_LIBTPU = pytest.mark.skipif(
 )
 
 
-def _compile_for_tpu(T):
+def _compile_for_tpu(T, mask=COMPILED_MASKS["anchor"]):
   """Compiles fwd and fwd+bwd through Mosaic for one v5p chip (libtpu, no TPU needed)."""
   from jax.experimental import topologies
 
@@ -356,15 +437,16 @@ def _compile_for_tpu(T):
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   topology = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1")
   sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
-  fwd, fwd_bwd, args = _fwd_and_bwd(MaskSpec(document=True, anchor=True), T=T)
+  fwd, fwd_bwd, args = _fwd_and_bwd(mask, T=T)
   args = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args)
   for fn in (fwd, fwd_bwd):
     jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).compile()
 
 
 @NO_LIBTPU
-def test_compiles_for_tpu_topology():
-  _compile_for_tpu(200)
+@pytest.mark.parametrize("mask", list(COMPILED_MASKS))
+def test_compiles_for_tpu_topology(mask):
+  _compile_for_tpu(200, COMPILED_MASKS[mask])
 
 
 @NO_LIBTPU
@@ -380,7 +462,8 @@ def test_fwd_and_bwd_entry_points_match_blockwise_twins():
   taken against the *global* out and lse with an lse cotangent, as the ring does.
 
   GQA, T = 90 (not a multiple of 16, so padded query rows carry lse -inf), head dim
-  24 (zero-padded to 32), documents starting mid-block. Same fp32 tolerance as above.
+  24 (zero-padded to 32), documents starting mid-block, and a strided mask (per-head
+  tables, as a ring runs S2-Attention layers). Same fp32 tolerance as above.
   """
   from lcjax.attention.blockwise import blockwise_bwd, blockwise_fwd
   from pallas_kernels import block_sparse_bwd, block_sparse_fwd
@@ -388,7 +471,7 @@ def test_fwd_and_bwd_entry_points_match_blockwise_twins():
   T, half = 90, 45  # equal halves share one compilation
   q, k, v, (w_out, w_lse) = random_qkv(7, 2, T, T, 4, 2, 24)
   seg = packed_rows(T, [[7, 20, 30, 33], [50, 40]])
-  mask = MaskSpec(document=True)
+  mask = MaskSpec(document=True, stride=3, stride_block=8, sinks=2)
   kw = dict(mask=mask, q_segment_ids=seg, kv_segment_ids=seg, **BLOCK)
   out, lse = block_sparse_fwd(q, k, v, interpret=True, **kw)
   out_t, lse_t = blockwise_fwd(q, k, v, **kw)

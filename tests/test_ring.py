@@ -150,6 +150,14 @@ def test_masks_across_the_ring(name, strategy):
   check_context_parallel(make_mesh(dict(data=-1, context=4)), MASKS[name], strategy=strategy)
 
 
+def test_strided_mask_across_the_ring():
+  """S2-Attention strided blocks (per kv head, GQA) with documents and sinks, W = 4, every
+  layout: the per-head pattern is evaluated on global positions and kv heads, and chunk
+  pairs are skipped only when no kv head sees them. Odd block sizes inside the chunks."""
+  mask = MaskSpec(document=True, sinks=2, stride=3, stride_block=4)
+  check_context_parallel(make_mesh(dict(data=-1, context=4)), mask, **BLOCKS)
+
+
 def test_empty_rows_output_zero_with_zero_gradients():
   """Queries of a document with no keys (kv segment ids differ) give 0 and zero grads."""
   kv_seg_BT = np.where(SEG_BT == 2, 9, SEG_BT)  # no key belongs to document 2
@@ -316,6 +324,8 @@ def test_errors():
     attend(mask="causal")
   with pytest.raises(ValueError, match="must name different mesh axes"):
     attend(head_axis="context")
+  with pytest.raises(ValueError, match="differs per kv head, which head_axis='data'"):
+    attend(mask=MaskSpec(stride=2), head_axis="data")
   with pytest.raises(ValueError, match="2 kv heads are not divisible by head_axis='data'"):
     ring_attention(
       q, k, v, mask=MaskSpec(), mesh=make_mesh(dict(data=4, context=2)), head_axis="data"

@@ -25,8 +25,12 @@ V are never repeated.
 
 Block skipping: `MaskSpec.block_map` classifies every (q block, kv block) pair; the pair
 is skipped when EMPTY for every batch row, computed without the element mask when FULL
-for every row, and with it otherwise. Each pair is one `lax.switch` inside a
-`lax.fori_loop` (never vmapped, so the skip is a real conditional, not a select).
+for every row, and with it otherwise. A strided mask (S2-Attention / LongGen, per kv
+head: `MaskSpec.per_head`) is classified per kv head and aggregated over the heads as
+well, since one block product covers all of them: the twin only skips blocks that no
+head sees (the Pallas kernels skip per head), and its element mask is per kv head.
+Each pair is one `lax.switch` inside a `lax.fori_loop` (never vmapped, so the skip is
+a real conditional, not a select).
 A query row with no visible key has l = 0: it outputs 0, its L is -inf and its
 gradients are 0.
 """
@@ -68,11 +72,13 @@ class _Static(NamedTuple):
 def block_kinds(block_map_BQK: jax.Array) -> jax.Array:
   """Per-pair branch int32 [nQ, nK] for a whole batch: SKIP, MASKED or UNMASKED.
 
-  A pair is skipped only if EMPTY in every batch row and runs unmasked only if FULL in
-  every row (a row mixing FULL and EMPTY still needs the element mask).
+  Takes a block map [B, nQ, nK] or, for a per-head mask, [B, Hkv, nQ, nK]. A pair is
+  skipped only if EMPTY in every batch row (and kv head) and runs unmasked only if FULL
+  in every one (a row mixing FULL and EMPTY still needs the element mask).
   """
-  visit_QK = (block_map_BQK != EMPTY).any(0)
-  full_QK = (block_map_BQK == FULL).all(0)
+  leading = tuple(range(block_map_BQK.ndim - 2))
+  visit_QK = (block_map_BQK != EMPTY).any(leading)
+  full_QK = (block_map_BQK == FULL).all(leading)
   return jnp.where(visit_QK, jnp.where(full_QK, UNMASKED, MASKED), SKIP).astype(jnp.int32)
 
 
@@ -91,17 +97,34 @@ def _block_scores(st, masked, G, q_BKRD, k_BKSD, q_pos_BQ, k_pos_BS, q_seg_BQ, k
 
   The G query heads that share a kv head are folded into the rows (r = q·G + g), so
   every product is one batched matmul over (batch, kv head) and K, V are never repeated.
+  A per-head (strided) mask is evaluated per kv head and shared by its G query heads.
   """
   s_BKRS = jnp.einsum("bkrd,bksd->bkrs", q_BKRD, k_BKSD, preferred_element_type=jnp.float32)
   s_BKRS = s_BKRS * st.scale
   if masked:
+    B, K, _, bk = s_BKRS.shape
+    bq = q_pos_BQ.shape[1]
+    if st.mask.per_head:  # ids [B, 1, Q, 1] against [B, 1, 1, S] and kv heads [K, 1, 1]
+      q_pos_BQ, k_pos_BS, valid_BS = q_pos_BQ[:, None], k_pos_BS[:, None], valid_BS[:, None]
+      if q_seg_BQ is not None:
+        q_seg_BQ, k_seg_BS = q_seg_BQ[:, None], k_seg_BS[:, None]
     if q_seg_BQ is not None:
-      q_seg_BQ, k_seg_BS = q_seg_BQ[:, :, None], k_seg_BS[:, None, :]
-    allowed_BQS = st.mask.allowed(q_pos_BQ[:, :, None], k_pos_BS[:, None, :], q_seg_BQ, k_seg_BS)
-    allowed_BQS = allowed_BQS & valid_BS[:, None, :]
-    B, bq, bk = allowed_BQS.shape
-    allowed_BRS = jnp.broadcast_to(allowed_BQS[:, :, None], (B, bq, G, bk)).reshape(B, -1, bk)
-    s_BKRS = jnp.where(allowed_BRS[:, None], s_BKRS, -jnp.inf)
+      q_seg_BQ, k_seg_BS = q_seg_BQ[..., :, None], k_seg_BS[..., None, :]
+    kv_head = jnp.arange(K, dtype=jnp.int32)[:, None, None] if st.mask.per_head else None
+    allowed = st.mask.allowed(
+      q_pos_BQ[..., :, None],
+      k_pos_BS[..., None, :],
+      q_seg_BQ,
+      k_seg_BS,
+      kv_head=kv_head,
+      num_kv_heads=K,
+    )
+    allowed = allowed & valid_BS[..., None, :]  # [B, Q, S], or [B, K, Q, S] per head
+    allowed_BKQS = allowed if st.mask.per_head else allowed[:, None]
+    allowed_BKRS = jnp.broadcast_to(
+      allowed_BKQS[:, :, :, None], (B, allowed_BKQS.shape[1], bq, G, bk)
+    ).reshape(B, -1, bq * G, bk)
+    s_BKRS = jnp.where(allowed_BKRS, s_BKRS, -jnp.inf)
   return s_BKRS
 
 
@@ -323,8 +346,8 @@ def _prepare(
   q_pos, q_seg = pad(q_pos, Tp, "edge"), None if q_seg is None else pad(q_seg, Tp, "edge")
   k_pos, k_seg = pad(k_pos, Sp, "edge"), None if k_seg is None else pad(k_seg, Sp, "edge")
   valid_BS = jnp.broadcast_to(jnp.arange(Sp) < S, (B, Sp))
-  block_map_BQK = mask.block_map(
-    q_pos, k_pos, q_seg, k_seg, block_q=bq, block_kv=bk, kv_valid=valid_BS
+  block_map_BQK = mask.block_map(  # [B, Hkv, nQ, nK] for a per-head mask
+    q_pos, k_pos, q_seg, k_seg, block_q=bq, block_kv=bk, kv_valid=valid_BS, num_kv_heads=Hkv
   )
   st = _Static(mask, scale, bq, bk)
   # Kernel layouts: kv head first, so each block product is a plain batched matmul.

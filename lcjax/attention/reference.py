@@ -47,18 +47,23 @@ def reference_attention_with_lse(
 ) -> tuple[jax.Array, jax.Array]:
   """softmax(q kᵀ · scale, masked) v and the row log-sum-exp lse_BHT (-inf for empty rows).
 
-  GQA: query head h reads kv head h // (Hq // Hkv) (Hugging Face `repeat_kv` order).
+  GQA: query head h reads kv head h // (Hq // Hkv) (Hugging Face `repeat_kv` order), and
+  so does a per-head (strided) mask: query head h uses kv head h // G's pattern.
   """
   G = check_qkv(q_BTHD, k_BSKD, v_BSKD)
   B, T, Hq, D = q_BTHD.shape
   S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
   scale = 1.0 / math.sqrt(D) if scale is None else scale
-  mask_BTS = mask.dense(
-    *resolve_mask_inputs(mask, B, T, S, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  mask_inputs = resolve_mask_inputs(
+    mask, B, T, S, q_positions, kv_positions, q_segment_ids, kv_segment_ids
   )
+  # [B, T, S] shared by all heads, or [B, Hkv, T, S] per kv head (strided masks), which
+  # the G query heads of each kv head share.
+  allowed = mask.dense(*mask_inputs, num_kv_heads=Hkv)
+  mask_BKGTS = allowed[:, :, None] if mask.per_head else allowed[:, None, None]
   q_BTKGD = q_BTHD.astype(jnp.float32).reshape(B, T, Hkv, G, D)
   s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(jnp.float32)) * scale
-  s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, -jnp.inf)
+  s_BKGTS = jnp.where(mask_BKGTS, s_BKGTS, -jnp.inf)
   # A row with no visible key has max -inf; shifting by 0 makes its weights exp(-inf) = 0.
   m_BKGT = jax.lax.stop_gradient(s_BKGTS.max(-1))
   m_BKGT = jnp.where(jnp.isfinite(m_BKGT), m_BKGT, 0.0)

@@ -8,7 +8,9 @@ equal chunks over the mesh axis `axis` (size W), already in the order of a layou
 (`lcjax.parallel.layouts`: contiguous, zigzag or striped). Masks are evaluated on the
 global token indices `q_positions`/`kv_positions` and on segment ids that travel with
 their tokens, never on local shard offsets, so every `MaskSpec` (causal, document,
-anchor, sliding window, sinks) means the same as on one device, in any layout.
+anchor, sliding window, sinks, strided blocks) means the same as on one device, in any
+layout. A strided mask differs per kv head and is evaluated on the global kv-head
+index, so it cannot be combined with `head_axis` (which would renumber the heads).
 
 Strategies (`strategy=`):
 
@@ -122,6 +124,7 @@ class _Static(NamedTuple):
   scale: float
   block_q: int
   block_kv: int
+  kv_heads: int  # Hkv, for masks that differ per kv head (strided, `MaskSpec.per_head`)
 
   @property
   def ring_size(self) -> int:
@@ -169,13 +172,21 @@ def _send_to_next(tree, st: _Static):
 
 
 def _chunk_block_map(st: _Static, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, block_q, block_kv):
+  """The block map of a chunk pair ([B, Hkv, nQ, nK] for a per-head mask)."""
   return st.mask.block_map(
-    q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, block_q=block_q, block_kv=block_kv
+    q_pos_BT,
+    k_pos_BS,
+    q_seg_BT,
+    k_seg_BS,
+    block_q=block_q,
+    block_kv=block_kv,
+    num_kv_heads=st.kv_heads,
   )
 
 
 def _chunk_visible(st: _Static, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS) -> jax.Array:
-  """False iff no (query, key) pair of the two chunks is allowed, in any batch row.
+  """False iff no (query, key) pair of the two chunks is allowed, in any batch row (or
+  kv head).
 
   One block the size of each chunk: O(T/W) work from position and segment ranges.
   """
@@ -442,9 +453,15 @@ def _static(
       f"{Hkv} kv heads are not divisible by head_axis={head_axis!r} of size {heads}; use "
       "head_axis=None or a smaller axis"
     )
+  if mask.per_head and head_axis is not None:
+    # Each device would see local kv heads 0.. and take the phases of the first heads.
+    raise ValueError(
+      f"a strided MaskSpec (stride={mask.stride}) differs per kv head, which head_axis="
+      f"{head_axis!r} would renumber on each device; use head_axis=None"
+    )
   scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
   return _Static(
-    mesh, axis, batch_axes, head_axis, strategy, block_impl, mask, scale, block_q, block_kv
+    mesh, axis, batch_axes, head_axis, strategy, block_impl, mask, scale, block_q, block_kv, Hkv
   )
 
 
