@@ -1,7 +1,8 @@
-"""LongGen hybrid: sink + window sparse layers around full-attention middle layers.
+"""LongGen hybrid: sparse layers (sink + window, or strided) around full-attention middle layers.
 
   python scripts/train.py --config configs/longgen_hybrid.py --workdir runs/longgen
   python scripts/train.py --config configs/longgen_hybrid.py:tiny --workdir /tmp/lg   # ~1 min
+  python scripts/train.py --config configs/longgen_hybrid.py:tiny,sparse=strided --workdir /tmp/lgs
 
 LongGen (Ge et al. 2024, "A Little Goes a Long Way: Efficient Long Context Training and
 Inference with Partial Contexts") trains long-context models whose bottom and top
@@ -14,22 +15,35 @@ enough for long-range retrieval. Here: `longgen_layer_types` places the full lay
 Pallas kernels on TPU/GPU (the pure-JAX blockwise twin on CPU), which visit only the
 sink column and the window band of the sparse layers.
 
+`sparse=strided` uses LongGen's other sparse layer instead, the S2-Attention pattern
+(Lin et al. 2024, "S2-Attention: Hardware-Aware Context Sharding Among Attention
+Heads"): sparse blocks of `model.sparse_block` tokens, the `model.sparse_local_blocks`
+most recent ones plus every `model.sparse_stride`-th one, at a phase that differs per
+kv head so the heads together see more of the context (`MaskSpec(stride=...)`), plus
+the sinks.
+
 Packed rows with document masking: sinks are the first tokens of the *row*, so with
 several documents per row only the first document's queries see them (a per-document
 sink would need a MaskSpec extension). Args: `tiny` (or `runlocal`) shrinks the model
-and the run for a CPU smoke test; `steps=`, `seq_len=`.
+and the run for a CPU smoke test; `sparse=` sink_window (default) or strided; `steps=`,
+`seq_len=`.
 """
 
-from lcjax.config import parse_arg
+from lcjax.config import ConfigError, parse_arg
 from lcjax.models.config import longgen_layer_types
 from lcjax.train.config import base_config
 
+# `sparse=` arg -> the layer type of the non-middle layers.
+SPARSE_LAYERS = {"sink_window": "sink_window_attention", "strided": "strided_attention"}
+
 
 def get_config(arg=None):
-  arg = parse_arg(arg, tiny=False, runlocal=False, steps=600, seq_len=512)
+  arg = parse_arg(arg, tiny=False, runlocal=False, steps=600, seq_len=512, sparse="sink_window")
+  if arg.sparse not in SPARSE_LAYERS:
+    raise ConfigError(f"sparse={arg.sparse!r} is unknown; use one of {sorted(SPARSE_LAYERS)}")
   c = base_config()
   seq_len = arg.seq_len
-  num_layers = 6  # 2 sink+window, 2 full (middle third), 2 sink+window
+  num_layers = 6  # 2 sparse, 2 full (middle third), 2 sparse
 
   c.model.update(
     vocab_size=384,
@@ -40,9 +54,13 @@ def get_config(arg=None):
     mlp_dim=352,
     max_position_embeddings=seq_len,
     rope=dict(rope_type="default", rope_theta=10000.0, max_position_embeddings=seq_len),
-    layer_types=longgen_layer_types(num_layers),
+    layer_types=longgen_layer_types(num_layers, sparse=SPARSE_LAYERS[arg.sparse]),
     sparse_window=seq_len // 4,
     sparse_sinks=16,
+    # strided: 32-token blocks, the last 4 plus every 4th (2 kv heads at phases 0 and 2)
+    sparse_block=32,
+    sparse_local_blocks=4,
+    sparse_stride=4,
     dtype="float32",
   )
   c.data.seq_len = seq_len
@@ -59,9 +77,10 @@ def get_config(arg=None):
       num_layers=3,
       d_model=64,
       mlp_dim=176,
-      layer_types=longgen_layer_types(3),  # sparse, full, sparse
+      layer_types=longgen_layer_types(3, sparse=SPARSE_LAYERS[arg.sparse]),  # sparse, full, sparse
       sparse_window=64,
       sparse_sinks=8,
+      sparse_block=16,
       max_position_embeddings=seq_len,
     )
     c.model.rope.max_position_embeddings = seq_len

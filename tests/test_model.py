@@ -205,19 +205,40 @@ def _manual_logits(model, tokens_BT, masks):
   return model.logits(model.norm(x_BTD))
 
 
+# LongGen's two sparse layers, as model fields and as the MaskSpec they must produce.
+SPARSE_KINDS = {
+  "sink_window": (
+    dict(layer_types=longgen_layer_types(3), sparse_window=4, sparse_sinks=2),
+    MaskSpec(causal=True, window=4, sinks=2),
+  ),
+  "strided": (
+    dict(
+      layer_types=longgen_layer_types(3, sparse="strided_attention"),
+      sparse_stride=3,
+      sparse_block=4,
+      sparse_local_blocks=1,
+      sparse_sinks=1,
+    ),
+    MaskSpec(causal=True, stride=3, stride_block=4, local_blocks=1, sinks=1),
+  ),
+}
+
+
+@pytest.mark.parametrize("kind", SPARSE_KINDS)
 @pytest.mark.parametrize("impl", ["blockwise", "pallas"])
-def test_longgen_hybrid_model_equals_per_layer_masks(impl):
-  """Sparse layers see the last `sparse_window` keys plus `sparse_sinks` sinks, full
-  layers everything: the hybrid model equals a forward built from those masks."""
-  hybrid = dict(num_layers=3, layer_types=longgen_layer_types(3), sparse_window=4, sparse_sinks=2)
+def test_longgen_hybrid_model_equals_per_layer_masks(impl, kind):
+  """Sparse layers see the last `sparse_window` keys plus `sparse_sinks` sinks (or the
+  strided S2 pattern, per kv head), full layers everything: the hybrid model equals a
+  forward built from those masks."""
+  fields, sparse = SPARSE_KINDS[kind]
+  hybrid = dict(num_layers=3, **fields)
   blocks = dict(attention_block_q=8, attention_block_kv=8)
   model, _ = _model(attention_impl=impl, initializer_range=0.1, **hybrid, **blocks)
   tokens = np.random.default_rng(1).integers(0, 384, size=(2, 20))
   got = model(tokens)
-  sparse, full = MaskSpec(causal=True, window=4, sinks=2), MaskSpec(causal=True)
-  want = _manual_logits(model, tokens, [sparse, full, sparse])
+  want = _manual_logits(model, tokens, [sparse, MaskSpec(causal=True), sparse])
   np.testing.assert_allclose(got, want, atol=1e-5)
-  # The window matters: with an all-full stack (same parameters) the logits differ.
+  # The sparse mask matters: with an all-full stack (same parameters) the logits differ.
   dense, _ = _model(initializer_range=0.1, **{**hybrid, "layer_types": None}, **blocks)
   assert np.max(np.abs(dense(tokens) - got)) > 1e-3
 
@@ -232,8 +253,8 @@ def test_window_changes_only_the_sparse_layers():
   np.testing.assert_allclose(wide(tokens), dense(tokens), atol=1e-5)
   narrow, _ = _model(**kw, layer_types=longgen_layer_types(3), sparse_window=3, sparse_sinks=3)
   assert np.max(np.abs(narrow(tokens) - dense(tokens))) > 1e-3
-  assert [layer.window for layer in narrow.layers] == [3, None, 3]
-  assert [layer.sinks for layer in narrow.layers] == [3, 0, 3]
+  sparse = (("sinks", 3), ("window", 3))
+  assert [layer.mask_fields for layer in narrow.layers] == [sparse, (), sparse]
 
 
 @pytest.mark.parametrize(
@@ -242,7 +263,12 @@ def test_window_changes_only_the_sparse_layers():
     (dict(layer_types=(SPARSE, "full_attention")), "model.sparse_window is not a positive"),
     (dict(layer_types=(SPARSE, SPARSE), sparse_window=0), "model.sparse_window is not a positive"),
     (dict(sparse_sinks=-1), "model.sparse_sinks=-1"),
-    (dict(layer_types=("strided_attention",) * 2), "'strided_attention' is unknown"),
+    (dict(layer_types=("strided_attention",) * 2), "model.sparse_stride is not a positive"),
+    (
+      dict(layer_types=("strided_attention",) * 2, sparse_stride=4, sparse_block=0),
+      "model.sparse_block=0 must be a positive integer",
+    ),
+    (dict(layer_types=("dilated_attention",) * 2), "'dilated_attention' is unknown"),
   ],
 )
 def test_bad_sparse_layer_config_is_one_clear_error(overrides, match):

@@ -28,7 +28,17 @@ __all__ = [
 # Long Way: Efficient Long Context Training and Inference with Partial Contexts"): the
 # last `sparse_window` keys plus the first `sparse_sinks` tokens of the row (attention
 # sinks), a `MaskSpec(window=..., sinks=...)` that the block-sparse kernels skip blocks of.
-LAYER_TYPES = ("full_attention", "sliding_attention", "sink_window_attention", "mamba2")
+# "strided_attention" is LongGen's other sparse layer, the S2-Attention pattern (Lin et al.
+# 2024): a local band of `sparse_local_blocks` blocks of `sparse_block` tokens plus every
+# `sparse_stride`-th block, with a phase that differs per kv head, plus the sinks
+# (`MaskSpec(stride=..., stride_block=..., local_blocks=..., sinks=...)`).
+LAYER_TYPES = (
+  "full_attention",
+  "sliding_attention",
+  "sink_window_attention",
+  "strided_attention",
+  "mamba2",
+)
 # Activation checkpointing per decoder layer: none, full (recompute everything), or
 # dots (keep matmul outputs without batch dims, recompute the rest).
 REMAT_POLICIES = ("none", "full", "dots")
@@ -64,7 +74,11 @@ def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
       # expand, n_groups, chunk_size, ...); d_model, norm eps, dtype come from this config.
       mamba={},
       sparse_window=ml_collections.config_dict.placeholder(int),  # sink_window_attention
-      sparse_sinks=0,  # sink_window_attention: first tokens of the row always visible
+      sparse_sinks=0,  # sink_window_attention, strided_attention: first tokens of the row
+      sparse_stride=ml_collections.config_dict.placeholder(int),  # strided_attention: every
+      # sparse_stride-th block of sparse_block tokens, per-kv-head phase (S2's vert_stride)
+      sparse_block=64,  # strided_attention: tokens per sparse block
+      sparse_local_blocks=1,  # strided_attention: most recent blocks always visible
       anchor=False,  # AnchorAttention: key 0 visible to every document
       dtype="auto",  # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
       remat="none",  # none | full | dots (save matmul outputs): activation checkpointing per layer
@@ -198,6 +212,17 @@ def validate_model_config(cfg) -> None:
     isinstance(cfg.sparse_sinks, int) and cfg.sparse_sinks >= 0,
     f"model.sparse_sinks={cfg.sparse_sinks!r} must be a non-negative integer",
   )
+  if "strided_attention" in kinds:
+    require(
+      isinstance(cfg.sparse_stride, int) and cfg.sparse_stride >= 1,
+      "model.layer_types uses 'strided_attention' but model.sparse_stride is not a positive "
+      "integer",
+    )
+    for field in ("sparse_block", "sparse_local_blocks"):
+      value = cfg[field]
+      require(
+        isinstance(value, int) and value >= 1, f"model.{field}={value!r} must be a positive integer"
+      )
   validate_rope_parameters(cfg.rope.to_dict())
   rope_max = cfg.rope.get("max_position_embeddings")
   require(

@@ -140,6 +140,8 @@ class Attention(nnx.Module):
 
     tensor = mesh.shape.get("tensor", 1)
     head_axis = "tensor" if tensor > 1 and self.num_kv_heads % tensor == 0 else None
+    if mask.per_head:  # a strided mask is defined on global kv-head indices
+      head_axis = None
     return ring_attention(
       q_BTHD,
       k_BTKD,
@@ -166,14 +168,22 @@ def _context_mesh():
   return mesh
 
 
-def _window_and_sinks(cfg, layer_type: str) -> tuple[int | None, int]:
-  """(window, sinks) of a layer type: none for full, Mistral's window for sliding, and
-  LongGen's sparse_window + sparse_sinks for sink_window_attention."""
+def _layer_mask_fields(cfg, layer_type: str) -> dict:
+  """The `MaskSpec` fields of a layer type beyond causal/document/anchor: none for full,
+  Mistral's window for sliding, LongGen's sparse_window + sparse_sinks for
+  sink_window_attention, and the S2 strided pattern + sinks for strided_attention."""
   if layer_type == "sliding_attention":
-    return cfg.sliding_window, 0
+    return dict(window=cfg.sliding_window)
   if layer_type == "sink_window_attention":
-    return cfg.sparse_window, cfg.sparse_sinks
-  return None, 0
+    return dict(window=cfg.sparse_window, sinks=cfg.sparse_sinks)
+  if layer_type == "strided_attention":
+    return dict(
+      stride=cfg.sparse_stride,
+      stride_block=cfg.sparse_block,
+      local_blocks=cfg.sparse_local_blocks,
+      sinks=cfg.sparse_sinks,
+    )
+  return {}
 
 
 class DecoderBlock(nnx.Module):
@@ -181,8 +191,8 @@ class DecoderBlock(nnx.Module):
 
   def __init__(self, cfg, layer_type: str, *, dtype, rngs: nnx.Rngs):
     self.layer_type = layer_type
-    # The layer's mask window and attention sinks (`MaskSpec.window` / `.sinks`).
-    self.window, self.sinks = _window_and_sinks(cfg, layer_type)
+    # The layer's window, sinks or strided pattern (`MaskSpec` fields).
+    self.mask_fields = tuple(sorted(_layer_mask_fields(cfg, layer_type).items()))
     self.input_layernorm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
     # A hybrid stack's "mamba2" layers replace attention by a Mamba-2 mixer (Jamba-style:
     # mixer + MLP per block); every other layer type is attention.
@@ -210,8 +220,7 @@ class DecoderBlock(nnx.Module):
       causal=True,
       document=segment_ids_BT is not None,
       anchor=anchor,
-      window=self.window,
-      sinks=self.sinks,
+      **dict(self.mask_fields),
     )
     attn_BTD, cache = self.self_attn(
       self.input_layernorm(x_BTD),
