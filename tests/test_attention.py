@@ -59,8 +59,16 @@ def out_and_grads(impl, q, k, v, w, **kwargs):
 
 
 def assert_blockwise_matches_reference(q, k, v, w, tol=None, **kwargs):
+  """The loop path of impl="blockwise" against the reference.
+
+  Default positions would route impl="blockwise" to the unrolled static schedule
+  (tests/test_unrolled_attention.py covers it); passing them explicitly, as context-
+  parallel layouts do, keeps this file on the loop over runtime block maps.
+  """
   tol = FP32_TOL if tol is None else tol
   out_ref, grads_ref = out_and_grads("reference", q, k, v, w, **kwargs)
+  if kwargs.get("q_positions") is None and kwargs.get("kv_positions") is None:
+    kwargs = dict(kwargs, q_positions=jnp.arange(q.shape[1]), kv_positions=jnp.arange(k.shape[1]))
   out_blk, grads_blk = out_and_grads("blockwise", q, k, v, w, **kwargs)
   assert out_blk.dtype == q.dtype and out_blk.shape == q.shape
   f32 = lambda x: np.asarray(x, np.float32)
