@@ -163,6 +163,15 @@ def _matmul(n: int):
   return lambda: f(a).block_until_ready(), 2.0 * n**3
 
 
+def _torch_matmul(n: int):
+  """The same float32 n x n matmul through torch (MKL/oneDNN on x86): (run, its FLOPs)."""
+  import torch
+
+  a = torch.as_tensor(np.random.default_rng(0).standard_normal((n, n)), dtype=torch.float32)
+  a @ a
+  return lambda: a @ a, 2.0 * n**3
+
+
 def bench_train(repeats: int) -> None:
   """Train-step tokens/s and CPU-MFU of lcjax, and the ratio to transformers + torch.
 
@@ -174,16 +183,18 @@ def bench_train(repeats: int) -> None:
   from lcjax.train.flops import flops_per_token
 
   matmul, matmul_flops = _matmul(2048)
+  torch_matmul, _ = _torch_matmul(2048)
   print(
     f"{'model':<30}{'params':>10}{'peak GF/s':>11}{'lcjax tok/s':>13}{'CPU-MFU':>9}"
-    f"{'torch tok/s':>13}{'lcjax/torch':>13}"
+    f"{'torch tok/s':>13}{'lcjax/torch':>13}{'torch peak GF/s':>17}"
   )
   for name, (cfg, batch, T) in _train_models().items():
     lcjax_step, n_params = _lcjax_step(cfg, batch, T)
     torch_step, threads = _torch_step(cfg, batch, T)
-    times = {"peak": [], "lcjax": [], "torch": []}
+    runs = dict(peak=matmul, lcjax=lcjax_step, torch=torch_step, torch_peak=torch_matmul)
+    times = {key: [] for key in runs}
     for _ in range(repeats):
-      for key, run in (("peak", matmul), ("lcjax", lcjax_step), ("torch", torch_step)):
+      for key, run in runs.items():
         start = time.perf_counter()
         run()
         times[key].append(time.perf_counter() - start)
@@ -191,12 +202,14 @@ def bench_train(repeats: int) -> None:
     peak = matmul_flops / best["peak"]
     tps_jax, tps_torch = batch * T / best["lcjax"], batch * T / best["torch"]
     mfu = flops_per_token(cfg, n_params, T) * tps_jax / peak
+    torch_peak = matmul_flops / best["torch_peak"]
     print(
       f"{name:<30}{n_params:>10,}{peak / 1e9:>11.0f}{tps_jax:>13,.0f}{mfu:>9.1%}"
-      f"{tps_torch:>13,.0f}{tps_jax / tps_torch:>12.2f}x"
+      f"{tps_torch:>13,.0f}{tps_jax / tps_torch:>12.2f}x{torch_peak / 1e9:>17.0f}"
     )
   print(
-    f"(peak: float32 2048x2048 matmul through XLA; torch {threads} threads, fp32, sdpa "
+    f"(peak: float32 2048x2048 matmul through XLA, which MFU divides by; torch peak: the same "
+    f"matmul through torch; torch {threads} threads, fp32, sdpa "
     f"attention, AdamW; lcjax fp32, blockwise attention, AdamW; fastest of {repeats} "
     "interleaved rounds)"
   )
