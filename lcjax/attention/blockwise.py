@@ -128,6 +128,27 @@ def _block_scores(st, masked, G, q_BKRD, k_BKSD, q_pos_BQ, k_pos_BS, q_seg_BQ, k
   return s_BKRS
 
 
+def online_softmax_step(m_BKR, l_BKR, acc_BKRD, s_BKRS, v_BKSD):
+  """One kv block of the online softmax (FlashAttention-2 Alg. 1, lines 8-10): the new
+  running max m', denominator l' and unnormalized output acc' of each row, given the
+  block's float32 scores s (-inf where masked) and values v."""
+  m_new = jnp.maximum(m_BKR, s_BKRS.max(-1))
+  # While a row has seen no visible key its max is -inf; shift by 0 so exp gives 0.
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  p_BKRS = jnp.exp(s_BKRS - m_safe[..., None])
+  alpha_BKR = jnp.exp(m_BKR - m_safe)
+  pv_BKRD = jnp.einsum("bkrs,bksd->bkrd", p_BKRS, v_BKSD, preferred_element_type=jnp.float32)
+  return m_new, alpha_BKR * l_BKR + p_BKRS.sum(-1), alpha_BKR[..., None] * acc_BKRD + pv_BKRD
+
+
+def online_softmax_result(m_BKR, l_BKR, acc_BKRD):
+  """(O = acc / l, L = m + log l) of finished rows; rows that saw no key give 0 and -inf."""
+  nonempty = l_BKR > 0
+  l_safe = jnp.where(nonempty, l_BKR, 1.0)
+  lse_BKR = jnp.where(nonempty, m_BKR + jnp.log(l_safe), -jnp.inf)
+  return acc_BKRD / l_safe[..., None], lse_BKR
+
+
 def _forward(
   st, q_BKTGD, k_BKSD, v_BKSD, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, valid_BS, kinds_QK
 ):
@@ -158,19 +179,8 @@ def _forward(
           None if k_seg_BS is None else _rows(k_seg_BS, j * bk, bk, 1),
           _rows(valid_BS, j * bk, bk, 1),
         )
-        m_new = jnp.maximum(m_BKR, s_BKRS.max(-1))
-        # While a row has seen no visible key its max is -inf; shift by 0 so exp gives 0.
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p_BKRS = jnp.exp(s_BKRS - m_safe[..., None])
-        alpha_BKR = jnp.exp(m_BKR - m_safe)
-        pv_BKRD = jnp.einsum(
-          "bkrs,bksd->bkrd",
-          p_BKRS,
-          _rows(v_BKSD, j * bk, bk, 2),
-          preferred_element_type=jnp.float32,
-        )
-        acc_BKRD = alpha_BKR[..., None] * acc_BKRD + pv_BKRD
-        return m_new, alpha_BKR * l_BKR + p_BKRS.sum(-1), acc_BKRD, n + 1
+        v_BKSD_j = _rows(v_BKSD, j * bk, bk, 2)
+        return (*online_softmax_step(m_BKR, l_BKR, acc_BKRD, s_BKRS, v_BKSD_j), n + 1)
 
       return compute
 
@@ -184,10 +194,8 @@ def _forward(
       visits,
     )
     m_BKR, l_BKR, acc_BKRD, visits = lax.fori_loop(0, nK, kv_step, init)
-    nonempty = l_BKR > 0
-    l_safe = jnp.where(nonempty, l_BKR, 1.0)
-    out_BKQGD = (acc_BKRD / l_safe[..., None]).reshape(B, K, bq, G, D)
-    lse_BKQG = jnp.where(nonempty, m_BKR + jnp.log(l_safe), -jnp.inf).reshape(B, K, bq, G)
+    out_BKRD, lse_BKR = online_softmax_result(m_BKR, l_BKR, acc_BKRD)
+    out_BKQGD, lse_BKQG = out_BKRD.reshape(B, K, bq, G, D), lse_BKR.reshape(B, K, bq, G)
     out_BKTGD = lax.dynamic_update_slice_in_dim(out_BKTGD, out_BKQGD, i * bq, axis=2)
     lse_BKTG = lax.dynamic_update_slice_in_dim(lse_BKTG, lse_BKQG, i * bq, axis=2)
     return out_BKTGD, lse_BKTG, visits

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax.attention.blockwise import online_softmax_result, online_softmax_step
 from lcjax.attention.masks import MaskSpec, resolve_mask_inputs
 from lcjax.attention.reference import check_qkv
 
@@ -163,24 +164,11 @@ def _forward(st, q_BKTGD, k_BKSD, v_BKSD, q_seg_BT, k_seg_BS):
       s_BKRS = _pair_scores(
         st, i, j, masked, q_BKRD, _block(k_BKSD, j * bk, bk, 2), q_seg_BT, k_seg_BS
       )
-      m_new = jnp.maximum(m_BKR, s_BKRS.max(-1))
-      # While a row has seen no visible key its max is -inf; shift by 0 so exp gives 0.
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      p_BKRS = jnp.exp(s_BKRS - m_safe[..., None])
-      alpha_BKR = jnp.exp(m_BKR - m_safe)
-      pv_BKRD = jnp.einsum(
-        "bkrs,bksd->bkrd",
-        p_BKRS,
-        _block(v_BKSD, j * bk, bk, 2),
-        preferred_element_type=jnp.float32,
-      )
-      acc_BKRD = alpha_BKR[..., None] * acc_BKRD + pv_BKRD
-      l_BKR = alpha_BKR * l_BKR + p_BKRS.sum(-1)
-      m_BKR = m_new
-    nonempty = l_BKR > 0
-    l_safe = jnp.where(nonempty, l_BKR, 1.0)
-    outs.append((acc_BKRD / l_safe[..., None]).reshape(B, K, bq, G, D))
-    lses.append(jnp.where(nonempty, m_BKR + jnp.log(l_safe), -jnp.inf).reshape(B, K, bq, G))
+      v_BKSD_j = _block(v_BKSD, j * bk, bk, 2)
+      m_BKR, l_BKR, acc_BKRD = online_softmax_step(m_BKR, l_BKR, acc_BKRD, s_BKRS, v_BKSD_j)
+    out_BKRD, lse_BKR = online_softmax_result(m_BKR, l_BKR, acc_BKRD)
+    outs.append(out_BKRD.reshape(B, K, bq, G, D))
+    lses.append(lse_BKR.reshape(B, K, bq, G))
   return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
 
 
