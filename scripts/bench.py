@@ -230,12 +230,17 @@ def bench_attention(repeats: int) -> None:
   blocks.main([])
   print()
 
+  from lcjax.attention.unrolled import static_schedule
+
   mask = MaskSpec(causal=True)
   print(
     f"{'T':>7}{'ref temp MiB':>14}{'blockwise MiB':>15}{'ratio':>8}{'ref ms':>9}"
-    f"{'blockwise ms':>14}{'speedup':>9}   (fwd+bwd, B=1 H=4 D=64 fp32, block 512)"
+    f"{'blockwise ms':>14}{'speedup':>9}  blockwise path   (fwd+bwd, B=1 H=4 D=64 fp32, "
+    "block 512)"
   )
   for T in (1024, 2048, 4096, 16384):
+    unrolled = static_schedule(mask, T, T, min(512, T), min(512, T), 4) is not None
+    path = "unrolled" if unrolled else "loop"
     shape = (1, T, 4, 64)
     q = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
 
@@ -258,7 +263,7 @@ def bench_attention(repeats: int) -> None:
       if ms
       else f"{'(compile only)':>32}"
     )
-    print(f"{T:>7}{mem['reference']:>14.1f}{mem['blockwise']:>15.1f}{ratio:>8.4f}{timing}")
+    print(f"{T:>7}{mem['reference']:>14.1f}{mem['blockwise']:>15.1f}{ratio:>8.4f}{timing}  {path}")
 
 
 def _memory_config(T: int, context: int):
