@@ -230,7 +230,7 @@ def bench_attention(repeats: int) -> None:
   blocks.main([])
   print()
 
-  from lcjax.attention.unrolled import static_schedule
+  from lcjax.attention.unrolled import fits_unrolled, static_schedule
 
   mask = MaskSpec(causal=True)
   print(
@@ -239,8 +239,9 @@ def bench_attention(repeats: int) -> None:
     "block 512)"
   )
   for T in (1024, 2048, 4096, 16384):
-    unrolled = static_schedule(mask, T, T, min(512, T), min(512, T), 4) is not None
-    path = "unrolled" if unrolled else "loop"
+    block = min(512, T)
+    schedule = static_schedule(mask, T, T, block, block, 4)
+    path = "unrolled" if fits_unrolled(schedule, 1, 4, block, block) else "loop"
     shape = (1, T, 4, 64)
     q = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
 

@@ -201,3 +201,18 @@ def test_dispatch_runs_unrolled_for_default_positions_and_the_loop_otherwise(mon
   )
   assert len(calls) == 1
   np.testing.assert_allclose(looped, want, **FP32_TOL)
+  # Score blocks over the memory budget (10 pairs x 2 heads x 16 x 16 x 4 bytes = 20 KiB
+  # here) also take the loop.
+  monkeypatch.setattr(unrolled_mod, "MAX_UNROLLED_SCORE_BYTES", 20 * 1024 - 1)
+  over = dot_product_attention(q, k, v, mask=mask, impl="blockwise", block_q=16, block_kv=16)
+  assert len(calls) == 1
+  np.testing.assert_allclose(over, want, **FP32_TOL)
+
+
+def test_fits_unrolled_counts_every_visited_score_block():
+  schedule = static_schedule(MaskSpec(), 64, 64, 16, 16, 2)  # 10 pairs
+  budget = unrolled_mod.MAX_UNROLLED_SCORE_BYTES
+  per_pair = budget // 10 // (16 * 16 * 4)  # batch x heads that just fit
+  assert unrolled_mod.fits_unrolled(schedule, per_pair, 1, 16, 16)
+  assert not unrolled_mod.fits_unrolled(schedule, per_pair + 1, 1, 16, 16)
+  assert not unrolled_mod.fits_unrolled(None, 1, 1, 16, 16)

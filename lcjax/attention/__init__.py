@@ -19,7 +19,7 @@ from lcjax.attention.blockwise import (
 )
 from lcjax.attention.masks import EMPTY, FULL, PARTIAL, MaskSpec
 from lcjax.attention.reference import reference_attention, reference_attention_with_lse
-from lcjax.attention.unrolled import static_schedule, unrolled_attention_with_lse
+from lcjax.attention.unrolled import fits_unrolled, static_schedule, unrolled_attention_with_lse
 
 __all__ = [
   "IMPLS",
@@ -115,10 +115,11 @@ def dot_product_attention(
     return _pallas_attention(q_BTHD, k_BSKD, v_BSKD, block_q, block_kv, kwargs)
   if q_positions is None and kv_positions is None:
     # Rows in order: the positional mask is static, so the block schedule is too.
-    T, S, Hkv = q_BTHD.shape[1], k_BSKD.shape[1], k_BSKD.shape[2]
+    B, T, Hq = q_BTHD.shape[:3]
+    S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
     bq, bk = min(block_q, T), min(block_kv, S)
     schedule = static_schedule(mask, T, S, bq, bk, Hkv)
-    if schedule is not None:
+    if fits_unrolled(schedule, B, Hq, bq, bk):
       return unrolled_attention_with_lse(
         q_BTHD,
         k_BSKD,

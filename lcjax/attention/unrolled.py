@@ -19,7 +19,8 @@ documents cost as much as plain causal attention here (the loop path skips
 cross-document blocks; for many short documents at long T it can be the faster one).
 
 The unrolled program grows with the number of visited pairs, so `static_schedule`
-returns None beyond `MAX_UNROLLED_PAIRS` and callers fall back to the loop. The math,
+returns None beyond `MAX_UNROLLED_PAIRS`, and its peak memory with their total score
+size, so callers also check `fits_unrolled`; otherwise they fall back to the loop. The math,
 the GQA folding (the G query heads of a kv head are rows of one block) and the
 conventions (float32 softmax, rows with no visible key output 0 with lse -inf and get
 zero gradients) are those of `blockwise.py`, which the tests compare against.
@@ -39,11 +40,31 @@ from lcjax.attention.blockwise import online_softmax_result, online_softmax_step
 from lcjax.attention.masks import MaskSpec, resolve_mask_inputs
 from lcjax.attention.reference import check_qkv
 
-__all__ = ["MAX_UNROLLED_PAIRS", "static_schedule", "unrolled_attention_with_lse"]
+__all__ = [
+  "MAX_UNROLLED_PAIRS",
+  "MAX_UNROLLED_SCORE_BYTES",
+  "fits_unrolled",
+  "static_schedule",
+  "unrolled_attention_with_lse",
+]
 
 # Above this many visited (q block, kv block) pairs the unrolled program compiles too
 # slowly to pay off (a T = 2K causal row with 128-blocks has 136); use the loop.
 MAX_UNROLLED_PAIRS = 160
+# XLA schedules the unrolled pairs for concurrency and keeps several pairs' float32
+# score blocks live at once, so peak memory grows with the sum of all visited blocks
+# (not one block, as in the loop): the quickstart model at T = 8K with 512-blocks
+# needed 3.5 GiB of temporaries unrolled against 0.45 GiB looped. Unroll only while
+# that sum, B · Hq · block_q · block_kv · 4 bytes per visited pair, stays below this.
+MAX_UNROLLED_SCORE_BYTES = 128 * 2**20
+
+
+def fits_unrolled(schedule, batch: int, num_heads: int, block_q: int, block_kv: int) -> bool:
+  """Whether a schedule's score blocks fit `MAX_UNROLLED_SCORE_BYTES` (see above)."""
+  if schedule is None:
+    return False
+  pairs = sum(len(row) for row in schedule)
+  return pairs * batch * num_heads * block_q * block_kv * 4 <= MAX_UNROLLED_SCORE_BYTES
 
 
 class _Static(NamedTuple):
