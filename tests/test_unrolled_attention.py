@@ -62,6 +62,16 @@ CASES = {
   "window + sinks": (MaskSpec(window=40, sinks=5), 1, 150, 2, 1, 8, 32, False),
   "non-causal documents": (MaskSpec(causal=False, document=True), 2, 70, 2, 2, 8, 32, True),
   "window, documents": (MaskSpec(window=24, document=True), 1, 100, 2, 2, 8, 16, True),
+  "strided per kv head, GQA, documents": (
+    MaskSpec(stride=3, stride_block=8, local_blocks=2, sinks=2, document=True),
+    1,
+    100,
+    4,
+    2,
+    8,
+    16,
+    True,
+  ),
 }
 
 
@@ -134,7 +144,7 @@ def test_row_with_no_visible_key_outputs_zero_with_zero_gradients():
 def _dense_blocks(mask, T, block, Hkv):
   """(some, every) [nQ, nK] from the dense mask on arange positions, documents ignored."""
   pos = jnp.arange(T)[None]
-  kwargs = dict(num_kv_heads=Hkv) if getattr(mask, "per_head", False) else {}
+  kwargs = dict(num_kv_heads=Hkv) if mask.per_head else {}
   allowed = np.asarray(mask.replace(document=False).dense(pos, pos, **kwargs))
   allowed = allowed.reshape(-1, T // block, block, T // block, block)
   return allowed.any(axis=(0, 2, 4)), allowed.all(axis=(0, 2, 4))
@@ -142,8 +152,13 @@ def _dense_blocks(mask, T, block, Hkv):
 
 @pytest.mark.parametrize(
   "mask",
-  [MaskSpec(), MaskSpec(window=100, sinks=8), MaskSpec(anchor=True, document=True)],
-  ids=["causal", "window+sinks", "anchor+documents"],
+  [
+    MaskSpec(),
+    MaskSpec(window=100, sinks=8),
+    MaskSpec(anchor=True, document=True),
+    MaskSpec(stride=4, stride_block=32, local_blocks=2),
+  ],
+  ids=["causal", "window+sinks", "anchor+documents", "strided"],
 )
 def test_schedule_visits_exactly_the_nonempty_blocks(mask):
   T, block = 512, 64
