@@ -75,7 +75,14 @@ def test_context_size_must_divide_the_sequence(tmp_path):
     train(c, str(tmp_path))
 
 
-@pytest.mark.parametrize("mesh", [dict(data=1, fsdp=4, tensor=2), dict(data=1, fsdp=2, context=4)])
+@pytest.mark.parametrize(
+  "mesh",
+  [
+    dict(data=1, fsdp=4, tensor=2),
+    # ~16 s; context alone and fsdp + tensor are covered by the tests above and below
+    pytest.param(dict(data=1, fsdp=2, context=4), marks=pytest.mark.slow),
+  ],
+)
 def test_fsdp_tensor_and_context_sharding_match_single_device(tmp_path, mesh):
   train(_config(), str(tmp_path / "base"))
   train(_config(**mesh), str(tmp_path / "sharded"))

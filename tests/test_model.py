@@ -36,7 +36,10 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(logits, ref(jnp.ones((1, 8), jnp.int32)), atol=5e-2)
 
 
-@pytest.mark.parametrize("impl", ["reference", "blockwise", "pallas"])
+@pytest.mark.parametrize(
+  "impl",
+  [pytest.param("reference", marks=pytest.mark.slow), "blockwise", "pallas"],  # ref: ~10 s
+)
 def test_packed_documents_equal_separate_documents(impl):
   """Document masking + per-document positions make a packed row equal separate rows."""
   model, _ = _model(attention_impl=impl, attention_block_q=8, attention_block_kv=8)
@@ -340,6 +343,7 @@ def test_hybrid_attention_mamba2_stack_generates_like_its_forward():
   np.testing.assert_array_equal(out[:, 6:], want)
 
 
+@pytest.mark.slow  # ~18 s; document masks and Mamba-2 state resets each have their own tests
 def test_hybrid_packed_documents_equal_separate_documents():
   """Document masks (attention) and state resets (Mamba-2) keep packed documents apart."""
   model, _ = _hybrid(attention_block_q=4, attention_block_kv=4)

@@ -56,7 +56,6 @@ def _value_and_grads(fn, q, k, v, w_out, w_lse):
 
 CASES = {
   # name: (mask, B, T, Hq, Hkv, D, block, documents)
-  "causal MHA": (MaskSpec(), 2, 96, 2, 2, 16, 32, False),
   "causal GQA, T not a block multiple": (MaskSpec(), 1, 100, 4, 2, 8, 32, False),
   "documents + anchor, MQA": (MaskSpec(document=True, anchor=True), 2, 90, 4, 1, 8, 32, True),
   "window + sinks": (MaskSpec(window=40, sinks=5), 1, 150, 2, 1, 8, 32, False),
