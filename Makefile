@@ -18,10 +18,10 @@ quickstart: install
 	$(PY) scripts/train.py --config configs/quickstart.py --workdir runs/quickstart
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 -m slow
 
 lint: install
 	$(VENV)/bin/ruff check .
