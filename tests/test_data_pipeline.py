@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lcjax.config import ConfigError
-from lcjax.data import pipeline
+from lcjax.data import default_data_config, make_eval_documents, make_train_iterator
 from lcjax.data.mixture import MixtureSampler
 from lcjax.data.tokenizers import ByteTokenizer, UndecodableDocument
 
@@ -41,19 +41,32 @@ CORPORA = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fake_components(monkeypatch):
-  def build_source(source_config, split):
-    if source_config["kind"] != "fake":
-      raise AssertionError("tests use fake sources unless they build the real default")
-    return grain.MapDataset.source(CORPORA[source_config["name"]])
+def fake_source(source_config, split):
+  if source_config["kind"] != "fake":
+    raise AssertionError("tests use fake sources unless they build the real default")
+  return grain.MapDataset.source(CORPORA[source_config["name"]])
 
-  monkeypatch.setattr(pipeline, "_build_source", build_source)
-  monkeypatch.setattr(pipeline, "_build_tokenizer", lambda config: FakeTokenizer())
+
+def fake_tokenizer(tokenizer_config):
+  assert tokenizer_config == {"kind": "byte"}  # validated: unset options dropped
+  return FakeTokenizer()
+
+
+def fake_iterator(data_config, **kwargs):
+  """`make_train_iterator` on the fake corpora and tokenizer."""
+  return make_train_iterator(
+    data_config, build_source=fake_source, build_tokenizer=fake_tokenizer, **kwargs
+  )
+
+
+def fake_eval_documents(data_config, *args, **kwargs):
+  return make_eval_documents(
+    data_config, *args, build_source=fake_source, build_tokenizer=fake_tokenizer, **kwargs
+  )
 
 
 def config(name="small", **overrides):
-  cfg = pipeline.default_data_config()
+  cfg = default_data_config()
   cfg.source = {"kind": "fake", "name": name}
   cfg.seq_len = 32
   for key, value in overrides.items():
@@ -85,7 +98,7 @@ def _rows(batch):
 
 
 def test_batches_follow_the_contract():
-  it = pipeline.make_train_iterator(config(position_scheme="per_document"), batch_size=3, seed=0)
+  it = fake_iterator(config(position_scheme="per_document"), batch_size=3, seed=0)
   batch = next(it)
   assert sorted(batch) == sorted(["tokens", "targets", "segment_ids", "positions", "loss_weights"])
   for key, value in batch.items():
@@ -96,12 +109,12 @@ def test_batches_follow_the_contract():
 
 def test_save_restore_gives_identical_next_batches():
   cfg = config()
-  it = pipeline.make_train_iterator(cfg, batch_size=4, seed=5)
+  it = fake_iterator(cfg, batch_size=4, seed=5)
   take(it, 3)
   state = json.loads(json.dumps(it.get_state()))  # JSON-serializable
   want = take(it, 20)  # crosses epoch boundaries
   assert it.get_state()["iterator"]["cursor"] > 2 * len(CORPORA["small"])
-  fresh = pipeline.make_train_iterator(cfg, batch_size=4, seed=5)
+  fresh = fake_iterator(cfg, batch_size=4, seed=5)
   fresh.set_state(state)
   assert_same_batches(take(fresh, 20), want)
   it.set_state(state)
@@ -113,7 +126,7 @@ def test_epochs_reshuffle_deterministically():
   n = len(CORPORA["small"])
 
   def order(seed, shuffle=True):
-    it = pipeline.make_train_iterator(config(shuffle=shuffle), batch_size=4, seed=seed)
+    it = fake_iterator(config(shuffle=shuffle), batch_size=4, seed=seed)
     ids = document_order(take(it, 30))
     assert len(ids) >= 3 * n
     return [ids[:n], ids[n : 2 * n], ids[2 * n : 3 * n]]
@@ -131,9 +144,7 @@ def test_processes_read_disjoint_documents():
   n = len(CORPORA["small"])
   seen = []
   for process in range(3):
-    it = pipeline.make_train_iterator(
-      config(), batch_size=2, seed=0, process_index=process, process_count=3
-    )
+    it = fake_iterator(config(), batch_size=2, seed=0, process_index=process, process_count=3)
     seen.append(set(document_order(take(it, 8))))
   assert seen[0].isdisjoint(seen[1]) and seen[0].isdisjoint(seen[2]) and seen[1].isdisjoint(seen[2])
   assert set.union(*seen) == set(range(n))
@@ -143,7 +154,7 @@ def test_processes_read_disjoint_documents():
 def test_stats_count_skipped_documents():
   docs = CORPORA["dirty"]
   n = len(docs)
-  it = pipeline.make_train_iterator(config("dirty", shuffle=False), batch_size=2, seed=0)
+  it = fake_iterator(config("dirty", shuffle=False), batch_size=2, seed=0)
   batches = take(it, 15)
   state = it.get_state()["iterator"]
   cursor, offset = state["cursor"], state["offset"]
@@ -181,7 +192,7 @@ def test_mixture_pipeline_follows_the_sampler_and_restores():
       {"source": {"kind": "fake", "name": "lower"}, "weight": 1.0, "name": "short"},
     ]
   )
-  it = pipeline.make_train_iterator(cfg, batch_size=4, seed=2)
+  it = fake_iterator(cfg, batch_size=4, seed=2)
   batches = take(it, 30)
   rows = np.concatenate([b["tokens"] for b in batches])
   lower = np.any((rows >= ord("a")) & (rows <= ord("z")), axis=1)
@@ -194,14 +205,14 @@ def test_mixture_pipeline_follows_the_sampler_and_restores():
   assert stats["rows"] == 120
   state = json.loads(json.dumps(it.get_state()))
   want = take(it, 5)
-  fresh = pipeline.make_train_iterator(cfg, batch_size=4, seed=2)
+  fresh = fake_iterator(cfg, batch_size=4, seed=2)
   fresh.set_state(state)
   assert_same_batches(take(fresh, 5), want)
 
 
 def test_decomposition_pipeline_batches_and_restore():
   cfg = config("long", seq_len=64, decomposition={"min_log2": 3, "curriculum_steps": 10})
-  it = pipeline.make_train_iterator(cfg, batch_size=2, seed=0)
+  it = fake_iterator(cfg, batch_size=2, seed=0)
   shapes = set()
   for batch in take(it, 12):
     rows, length = batch["tokens"].shape
@@ -210,7 +221,7 @@ def test_decomposition_pipeline_batches_and_restore():
   assert len(shapes) > 1
   state = json.loads(json.dumps(it.get_state()))
   want = take(it, 6)
-  fresh = pipeline.make_train_iterator(cfg, batch_size=2, seed=0)
+  fresh = fake_iterator(cfg, batch_size=2, seed=0)
   fresh.set_state(state)
   assert_same_batches(take(fresh, 6), want)
   assert it.stats()["documents"] == len(CORPORA["long"])
@@ -245,57 +256,55 @@ def test_bad_config_raises_naming_the_field(overrides, match):
   cfg = config().to_dict()
   cfg.update(overrides)
   with pytest.raises(ConfigError, match=match):
-    pipeline.make_train_iterator(cfg, batch_size=2, seed=0)
+    fake_iterator(cfg, batch_size=2, seed=0)
 
 
 def test_restore_with_other_settings_raises():
-  state = pipeline.make_train_iterator(config(), batch_size=4, seed=0).get_state()
-  other = pipeline.make_train_iterator(config(), batch_size=2, seed=0)
+  state = fake_iterator(config(), batch_size=4, seed=0).get_state()
+  other = fake_iterator(config(), batch_size=2, seed=0)
   with pytest.raises(ConfigError, match="different batch_size"):
     other.set_state(state)
   with pytest.raises(ConfigError, match="process_index=2 must be in"):
-    pipeline.make_train_iterator(config(), batch_size=2, seed=0, process_index=2, process_count=2)
+    fake_iterator(config(), batch_size=2, seed=0, process_index=2, process_count=2)
   with pytest.raises(ConfigError, match="fewer than the 40 processes"):
-    pipeline.make_train_iterator(config(), batch_size=2, seed=0, process_count=40)
+    fake_iterator(config(), batch_size=2, seed=0, process_count=40)
 
 
 def test_eval_documents():
-  docs = pipeline.make_eval_documents(config("dirty"), max_documents=4)
+  docs = fake_eval_documents(config("dirty"), max_documents=4)
   assert len(docs) == 4
   for doc, raw in zip(docs, CORPORA["dirty"][2:6], strict=True):
     assert doc.dtype == np.int32 and doc[0] == BOS and doc[-1] == 258
     assert bytes(doc[1:-1].astype(np.uint8)) == raw
-  raw = pipeline.make_eval_documents(config("dirty"), add_special_tokens=False)
+  raw = fake_eval_documents(config("dirty"), add_special_tokens=False)
   assert len(raw) == 10 and bytes(raw[0].astype(np.uint8)) == CORPORA["dirty"][2]
 
 
-def test_default_config_on_the_real_stdlib_corpus(monkeypatch):
-  monkeypatch.undo()  # the real source and tokenizer registries
-  cfg = pipeline.default_data_config()
+def test_default_config_on_the_real_stdlib_corpus():
+  cfg = default_data_config()  # the real source and tokenizer registries
   cfg.seq_len = 128
-  it = pipeline.make_train_iterator(cfg, batch_size=2, seed=0)
+  it = make_train_iterator(cfg, batch_size=2, seed=0)
   batch = next(it)
   assert batch["tokens"].shape == (2, 128) and batch["tokens"].max() < 384
   assert it.stats()["documents"] >= 1
-  docs = pipeline.make_eval_documents(cfg, max_documents=3)
+  docs = make_eval_documents(cfg, max_documents=3)
   assert len(docs) == 3 and all(d[0] == BOS and d.size > 2 for d in docs)
 
 
-def test_worker_processes_restore(monkeypatch):
-  monkeypatch.undo()  # workers receive the real (picklable) source and tokenizer
-  cfg = pipeline.default_data_config()
+def test_worker_processes_restore():
+  cfg = default_data_config()  # workers receive the real (picklable) source and tokenizer
   cfg.seq_len, cfg.num_workers = 64, 2
 
   def take_copies(iterator, n):
     return [{k: np.array(v) for k, v in batch.items()} for batch in take(iterator, n)]
 
-  it = pipeline.make_train_iterator(cfg, batch_size=2, seed=0)
+  it = make_train_iterator(cfg, batch_size=2, seed=0)
   take_copies(it, 3)
   state = json.loads(json.dumps(it.get_state()))
   want = take_copies(it, 3)
   assert it.stats()["rows"] == 12
   it.close()
-  fresh = pipeline.make_train_iterator(cfg, batch_size=2, seed=0)
+  fresh = make_train_iterator(cfg, batch_size=2, seed=0)
   fresh.set_state(state)
   got = take_copies(fresh, 3)
   fresh.close()

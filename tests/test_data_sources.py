@@ -131,6 +131,22 @@ def test_splits_mapping_selects_files(tmp_path):
     build_source(config, "validation")
 
 
+def test_none_valued_options_are_unset(tmp_path):
+  _write(str(tmp_path / "a.txt"), "one\ntwo\n")
+  config = ml_collections.ConfigDict(
+    {
+      "kind": "text",
+      "path": str(tmp_path / "a.txt"),
+      "text_field": ml_collections.config_dict.placeholder(str),  # another kind's option, unset
+      "splits": ml_collections.config_dict.placeholder(object),
+      "validation_fraction": None,
+    }
+  )
+  assert _docs(build_source(config, "all")) == [b"one\ntwo\n"]
+  config.one_document_per_line = True
+  assert _docs(build_source(config, "all")) == [b"one", b"two"]
+
+
 def test_jsonl_and_jsonl_gz(tmp_path):
   records = [{"text": f"doc {i} é", "id": i} for i in range(5)]
   body = "\n".join(json.dumps(r) for r in records) + "\n\n"
@@ -259,6 +275,14 @@ def test_missing_path_empty_corpus_and_bad_options(tmp_path):
     build_source({"kind": "text", "pathh": "x"}, "train")
   with pytest.raises(ConfigError, match="source.splits does not apply to kind 'stdlib'"):
     build_source({"kind": "stdlib", "splits": {"train": "*.py"}}, "train")
+  with pytest.raises(
+    ConfigError,
+    match="source.text_field does not apply to kind 'stdlib'; options for 'stdlib': kind, "
+    "validation_fraction",
+  ):
+    build_source({"kind": "stdlib", "text_field": "x"}, "train")
+  with pytest.raises(ConfigError, match="source.validation_fraction does not apply to kind 'tfds'"):
+    build_source({"kind": "tfds", "name": "wikipedia", "validation_fraction": 0.1}, "train")
   with pytest.raises(ConfigError, match="split 'test' is unknown"):
     build_source({"kind": "stdlib"}, "test")
   with pytest.raises(ConfigError, match="validation_fraction=1.5 is not in"):

@@ -152,3 +152,16 @@ def test_bad_tokenizer_configs(tmp_path):
     build_tokenizer({"vocab": 3})
   with pytest.raises(ConfigError, match="pad_vocab_to=0 must be >= 1"):
     build_tokenizer({"pad_vocab_to": 0})
+  with pytest.raises(
+    ConfigError,
+    match="tokenizer.path does not apply to kind 'byte'; options for 'byte': kind, pad_vocab_to",
+  ):
+    build_tokenizer({"path": str(tmp_path)})
+
+
+def test_none_valued_options_are_unset():
+  placeholder = ml_collections.config_dict.placeholder
+  config = ml_collections.ConfigDict(
+    {"kind": "byte", "pad_vocab_to": placeholder(int), "path": placeholder(str), "vocab_size": None}
+  )
+  assert build_tokenizer(config).vocab_size == 384

@@ -18,247 +18,39 @@ packer's stream cursor, offset into the current document and counters (one per m
 plus the number of mixture draws), or the DD step and per-bucket cursors. `set_state()` on any
 iterator built from the same config gives the identical next batches.
 
-Config (`default_data_config()`; every key is checked by `validate_data_config`):
+Config: the `data` section, `lcjax.data.config` (`default_data_config`, `validate_data_config`).
 
-- `source` (dict, `{"kind": "stdlib"}`): for `lcjax.data.sources.build_source`; also the corpus of
-  `make_eval_documents`.
-- `tokenizer` (dict, `{"kind": "byte"}`): for `lcjax.data.tokenizers.build_tokenizer`.
-- `seq_len` (int, 1024): row length; with decomposition, the longest piece allowed.
-- `position_scheme` (`"global"`): `global`, `per_document` or `anchor`.
-- `loss_weighting` (`"token"`): `token` or `document` (LWM: each document weighs equally).
-- `mixture` (None): a list of `{"source": dict, "weight": float}` (optionally `"name"`); training
-  then draws each row from one of these sources with those weights (ProLong) instead of `source`.
-- `decomposition` (None): a dict with keys `DECOMPOSITION_DEFAULTS` to train on Dataset
-  Decomposition batches; `tokens_per_batch` defaults to `batch_size * 2^max_log2`, i.e.
-  `batch_size` rows of the longest bucket.
-- `shuffle` (True): reshuffle documents every epoch (else the source order every epoch).
-- `split` (`"train"`): the source split to train on.
-- `num_workers` (0): grain worker processes (`mp_prefetch`); 0 runs in the calling thread. With
-  workers, each worker packs a slice of this process's documents.
+Components. `build_source(source_config, split)` and `build_tokenizer(tokenizer_config)` are the
+registries of `lcjax.data.sources` and `lcjax.data.tokenizers` unless a caller passes its own
+(tests pass fakes). They run in the calling process: worker processes receive the built
+documents and tokenizer, pickled, never the builders.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
-import ml_collections
 import numpy as np
+from absl import flags
 
 from lcjax.config import ConfigError
-from lcjax.data.decomposition import CURRICULA, DecomposedBatcher
+from lcjax.data.config import _is_int, validate_data_config
+from lcjax.data.decomposition import DecomposedBatcher
 from lcjax.data.mixture import MixedStream
-from lcjax.data.packing import (
-  COUNTER_KEYS,
-  LOSS_WEIGHTINGS,
-  POSITION_SCHEMES,
-  DocumentPacker,
-  frame_document,
-)
+from lcjax.data.packing import COUNTER_KEYS, DocumentPacker, frame_document
+from lcjax.data.sources import build_source as default_build_source
+from lcjax.data.tokenizers import Tokenizer, UndecodableDocument
+from lcjax.data.tokenizers import build_tokenizer as default_build_tokenizer
 
-__all__ = [
-  "DECOMPOSITION_DEFAULTS",
-  "TrainIterator",
-  "default_data_config",
-  "make_eval_documents",
-  "make_train_iterator",
-  "validate_data_config",
-]
+__all__ = ["TrainIterator", "make_eval_documents", "make_train_iterator"]
 
-DECOMPOSITION_DEFAULTS = {
-  "min_log2": None,  # None: max_log2 - 5 (six buckets, as in the paper), at least 0
-  "max_log2": None,  # None: log2(seq_len); seq_len must then be a power of two
-  "tokens_per_batch": None,  # None: batch_size * 2^max_log2
-  "curriculum": "grow",
-  "curriculum_base": 2.0,
-  "curriculum_steps": 1000,
-}
+SourceBuilder = Callable[[Any, str], grain.MapDataset]
+TokenizerBuilder = Callable[[Any], Tokenizer]
 
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """Returns the full default `data` config (see the module docstring for each key)."""
-  return ml_collections.ConfigDict(
-    {
-      "source": {"kind": "stdlib"},
-      "tokenizer": {"kind": "byte"},
-      "seq_len": 1024,
-      "position_scheme": "global",
-      "loss_weighting": "token",
-      "mixture": None,
-      "decomposition": None,
-      "shuffle": True,
-      "split": "train",
-      "num_workers": 0,
-    }
-  )
-
-
-# Seams to the source and tokenizer registries, imported lazily (tests replace them).
-def _build_source(source_config: dict, split: str) -> grain.MapDataset:
-  from lcjax.data.sources import build_source
-
-  return build_source(source_config, split)
-
-
-def _build_tokenizer(tokenizer_config: dict) -> Any:
-  from lcjax.data.tokenizers import build_tokenizer
-
-  return build_tokenizer(tokenizer_config)
-
-
-def _undecodable_errors() -> tuple[type[BaseException], ...]:
-  from lcjax.data.tokenizers import UndecodableDocument
-
-  return (UndecodableDocument, UnicodeError)
-
-
-def _plain(value: Any) -> Any:
-  """ConfigDicts (and dicts/lists holding them) -> plain dicts and lists."""
-  if isinstance(value, ml_collections.ConfigDict | ml_collections.FrozenConfigDict):
-    value = value.to_dict()
-  if isinstance(value, Mapping):
-    return {key: _plain(item) for key, item in value.items()}
-  if isinstance(value, list | tuple):
-    return [_plain(item) for item in value]
-  return value
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _check_component(value: Any, field: str) -> dict:
-  if not isinstance(value, Mapping) or not isinstance(value.get("kind"), str):
-    raise ConfigError(f"{field} must be a dict with a 'kind' string, e.g. {{'kind': 'stdlib'}}")
-  return dict(value)
-
-
-def _check_mixture(mixture: Any) -> list[dict] | None:
-  if mixture is None:
-    return None
-  if not isinstance(mixture, list | tuple) or not mixture:
-    raise ConfigError(
-      "data.mixture must be None or a non-empty list of {'source': {...}, 'weight': w} dicts"
-    )
-  entries = []
-  for i, entry in enumerate(mixture):
-    field = f"data.mixture[{i}]"
-    if not isinstance(entry, Mapping):
-      raise ConfigError(f"{field} must be a dict {{'source': {{...}}, 'weight': w}}")
-    unknown = sorted(set(entry) - {"source", "weight", "name"})
-    if unknown:
-      raise ConfigError(f"{field} has unknown keys {unknown}; use only source, weight and name")
-    source = _check_component(entry.get("source"), f"{field}.source")
-    weight = entry.get("weight")
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
-      raise ConfigError(f"{field}.weight must be a non-negative number, got {weight!r}")
-    if not math.isfinite(weight):
-      raise ConfigError(f"{field}.weight must be finite, got {weight!r}")
-    name = entry.get("name", f"{i}:{source['kind']}")
-    entries.append({"source": source, "weight": float(weight), "name": str(name)})
-  if sum(e["weight"] for e in entries) <= 0:
-    raise ConfigError("data.mixture weights are all zero; give at least one source a weight > 0")
-  return entries
-
-
-def _check_decomposition(decomposition: Any, seq_len: int) -> dict | None:
-  if decomposition is None:
-    return None
-  if not isinstance(decomposition, Mapping):
-    raise ConfigError("data.decomposition must be None or a dict of DECOMPOSITION_DEFAULTS keys")
-  unknown = sorted(set(decomposition) - set(DECOMPOSITION_DEFAULTS))
-  if unknown:
-    raise ConfigError(
-      f"data.decomposition has unknown keys {unknown}; known: {', '.join(DECOMPOSITION_DEFAULTS)}"
-    )
-  dd = {**DECOMPOSITION_DEFAULTS, **decomposition}
-  if dd["max_log2"] is None:
-    if seq_len & (seq_len - 1):
-      raise ConfigError(
-        f"data.seq_len={seq_len} is not a power of two; set data.decomposition.max_log2"
-      )
-    dd["max_log2"] = seq_len.bit_length() - 1
-  if dd["min_log2"] is None:
-    dd["min_log2"] = max(dd["max_log2"] - 5, 0)
-  for key in ("min_log2", "max_log2"):
-    if not _is_int(dd[key]) or dd[key] < 0:
-      raise ConfigError(f"data.decomposition.{key} must be a non-negative int, got {dd[key]!r}")
-  if dd["min_log2"] > dd["max_log2"]:
-    raise ConfigError(
-      f"data.decomposition.min_log2={dd['min_log2']} exceeds max_log2={dd['max_log2']}; "
-      "lower min_log2"
-    )
-  if (1 << dd["max_log2"]) > seq_len:
-    raise ConfigError(
-      f"data.decomposition.max_log2={dd['max_log2']} gives pieces longer than "
-      f"data.seq_len={seq_len}; lower max_log2 or raise seq_len"
-    )
-  tokens = dd["tokens_per_batch"]
-  if tokens is not None and (not _is_int(tokens) or tokens <= 0 or tokens % (1 << dd["max_log2"])):
-    raise ConfigError(
-      f"data.decomposition.tokens_per_batch={tokens!r} must be a positive multiple of "
-      f"2^max_log2={1 << dd['max_log2']}"
-    )
-  if dd["curriculum"] not in CURRICULA:
-    raise ConfigError(
-      f"data.decomposition.curriculum={dd['curriculum']!r} is unknown; "
-      f"choose one of {', '.join(CURRICULA)}"
-    )
-  base = dd["curriculum_base"]
-  if isinstance(base, bool) or not isinstance(base, int | float) or not base > 0:
-    raise ConfigError(f"data.decomposition.curriculum_base must be a number > 0, got {base!r}")
-  if not _is_int(dd["curriculum_steps"]) or dd["curriculum_steps"] < 1:
-    raise ConfigError(
-      f"data.decomposition.curriculum_steps must be an int >= 1, got {dd['curriculum_steps']!r}"
-    )
-  return dd
-
-
-def validate_data_config(data_config: Any) -> dict[str, Any]:
-  """Checks `data_config` (ConfigDict or dict) and returns it as a plain dict with defaults.
-
-  Raises `ConfigError` with one sentence naming the field and the fix.
-  """
-  config = _plain(data_config)
-  if not isinstance(config, Mapping):
-    raise ConfigError("the data config must be a ConfigDict or dict; see default_data_config()")
-  defaults = _plain(default_data_config())
-  unknown = sorted(set(config) - set(defaults))
-  if unknown:
-    raise ConfigError(
-      f"data config field {unknown[0]!r} is unknown; known fields: {', '.join(sorted(defaults))}"
-    )
-  config = {**defaults, **config}
-  config["source"] = _check_component(config["source"], "data.source")
-  config["tokenizer"] = _check_component(config["tokenizer"], "data.tokenizer")
-  if not _is_int(config["seq_len"]) or config["seq_len"] < 2:
-    raise ConfigError(f"data.seq_len must be an int >= 2, got {config['seq_len']!r}")
-  config["seq_len"] = int(config["seq_len"])
-  if config["position_scheme"] not in POSITION_SCHEMES:
-    raise ConfigError(
-      f"data.position_scheme={config['position_scheme']!r} is unknown; "
-      f"choose one of {', '.join(POSITION_SCHEMES)}"
-    )
-  if config["loss_weighting"] not in LOSS_WEIGHTINGS:
-    raise ConfigError(
-      f"data.loss_weighting={config['loss_weighting']!r} is unknown; "
-      f"choose one of {', '.join(LOSS_WEIGHTINGS)}"
-    )
-  if not isinstance(config["shuffle"], bool):
-    raise ConfigError(f"data.shuffle must be true or false, got {config['shuffle']!r}")
-  if not isinstance(config["split"], str) or not config["split"]:
-    raise ConfigError(f"data.split must be a split name such as 'train', got {config['split']!r}")
-  if not _is_int(config["num_workers"]) or config["num_workers"] < 0:
-    raise ConfigError(f"data.num_workers must be an int >= 0, got {config['num_workers']!r}")
-  config["mixture"] = _check_mixture(config["mixture"])
-  config["decomposition"] = _check_decomposition(config["decomposition"], config["seq_len"])
-  if config["mixture"] is not None and config["decomposition"] is not None:
-    raise ConfigError(
-      "data.mixture and data.decomposition cannot be combined; set one of them to None"
-    )
-  return config
+# What the packer skips and counts as `skipped_undecodable` instead of failing the run.
+_UNDECODABLE = (UndecodableDocument, UnicodeError)
 
 
 class _StreamDataset(grain.IterDataset):
@@ -388,8 +180,14 @@ def make_train_iterator(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
+  build_source: SourceBuilder = default_build_source,
+  build_tokenizer: TokenizerBuilder = default_build_tokenizer,
 ) -> TrainIterator:
-  """Returns the checkpointable training iterator of this process (module doc for details)."""
+  """Returns the checkpointable training iterator of this process (module doc for details).
+
+  `build_source` / `build_tokenizer` build the documents and the tokenizer from the validated
+  `data.source` (or each mixture source) and `data.tokenizer`; the defaults are the registries.
+  """
   config = validate_data_config(data_config)
   if not _is_int(batch_size) or batch_size < 1:
     raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -397,8 +195,7 @@ def make_train_iterator(
     raise ConfigError(
       f"process_index={process_index} must be in [0, process_count={process_count})"
     )
-  tokenizer = _build_tokenizer(config["tokenizer"])
-  skip_errors = _undecodable_errors()
+  tokenizer = build_tokenizer(config["tokenizer"])
   if config["mixture"] is None:
     entries = [{"source": config["source"], "weight": 1.0, "name": config["source"]["kind"]}]
     fields = ["data.source"]
@@ -406,7 +203,7 @@ def make_train_iterator(
     entries = config["mixture"]
     fields = [f"data.mixture[{i}].source" for i in range(len(entries))]
   documents = [
-    _shard(_build_source(entry["source"], config["split"]), field, process_index, process_count)
+    _shard(build_source(entry["source"], config["split"]), field, process_index, process_count)
     for entry, field in zip(entries, fields, strict=True)
   ]
   layout = {
@@ -441,7 +238,7 @@ def make_train_iterator(
         shuffle=config["shuffle"],
         position_scheme=config["position_scheme"],
         loss_weighting=config["loss_weighting"],
-        skip_errors=skip_errors,
+        skip_errors=_UNDECODABLE,
       )
 
     dataset = _StreamDataset(documents, make_stream)
@@ -458,7 +255,7 @@ def make_train_iterator(
         pad_id=tokenizer.pad_id,
         position_scheme=config["position_scheme"],
         loss_weighting=config["loss_weighting"],
-        skip_errors=skip_errors,
+        skip_errors=_UNDECODABLE,
         epoch_size=len(docs),
       )
 
@@ -470,8 +267,6 @@ def make_train_iterator(
 
     dataset = _StreamDataset(documents, make_stream).batch(batch_size)
   if config["num_workers"] > 0:
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; notebooks never parse them.
       flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config["num_workers"]))
@@ -484,26 +279,27 @@ def make_eval_documents(
   max_documents: int | None = None,
   *,
   add_special_tokens: bool = True,
+  build_source: SourceBuilder = default_build_source,
+  build_tokenizer: TokenizerBuilder = default_build_tokenizer,
 ) -> list[np.ndarray]:
   """Returns the tokenized documents of `data.source`'s `split`, in source order.
 
   Each is int32 `[bos] + tokens + [eos]` as the packer frames documents for training (the raw
   tokens with `add_special_tokens=False`). Empty and undecodable documents are left out; at most
-  `max_documents` are returned.
+  `max_documents` are returned. `build_source` / `build_tokenizer` as in `make_train_iterator`.
   """
   config = validate_data_config(data_config)
   if max_documents is not None and (not _is_int(max_documents) or max_documents < 0):
     raise ConfigError(f"max_documents must be None or an int >= 0, got {max_documents!r}")
-  documents = _build_source(config["source"], split)
-  tokenizer = _build_tokenizer(config["tokenizer"])
-  skip_errors = _undecodable_errors()
+  documents = build_source(config["source"], split)
+  tokenizer = build_tokenizer(config["tokenizer"])
   out = []
   for index in range(len(documents)):
     if max_documents is not None and len(out) >= max_documents:
       break
     try:
       tokens = np.asarray(tokenizer.encode(documents[index]), dtype=np.int32).reshape(-1)
-    except skip_errors:
+    except _UNDECODABLE:
       continue
     if tokens.size == 0:
       continue

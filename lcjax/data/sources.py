@@ -4,7 +4,8 @@
 document (`str` or `bytes`); the same config and split always give the same documents in the
 same order, so the iterator state that grain checkpoints is just an index.
 
-Kinds and their config keys (every kind also takes `kind`):
+Kinds and their config keys (every kind also takes `kind`; `SOURCE_OPTIONS` lists them all, and
+an option set to None counts as unset):
 
 - `stdlib` (the default corpus, on every machine): the `.py` files of the running Python's
   standard library, one document (bytes) per file; see `lcjax.data.stdlib_corpus`.
@@ -19,7 +20,10 @@ Kinds and their config keys (every kind also takes `kind`):
 - `hf_dataset`: `path` of a Hugging Face dataset saved with `save_to_disk`; `text_field`;
   `split` names the saved split to read (needs `datasets`).
 - `tfds`: `name` and optional `data_dir` of a tensorflow-datasets dataset read through
-  `tfds.data_source`; `text_field` (needs tensorflow-datasets).
+  `tfds.data_source`; `text_field`; `splits` (needs tensorflow-datasets).
+
+Setting an option the kind does not read (e.g. `text_field` for `stdlib`) raises `ConfigError`
+rather than being ignored, so a misspelt or misplaced option never silently does nothing.
 
 Splits. File-based kinds and `hf_dataset` take `splits`, a mapping {split: glob or list of
 globs} (for `hf_dataset`: {split: saved split name}) that selects the data of each split as it
@@ -45,7 +49,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from lcjax.config import ConfigError
+from lcjax.config import ConfigError, check_kind_options
 from lcjax.data.readers import (
   DataPathNotFoundError,
   EmptyCorpusError,
@@ -62,6 +66,7 @@ from lcjax.data.readers import (
   _Reader,
   validation_mask,
 )
+from lcjax.data.stdlib_corpus import stdlib_files, stdlib_root
 
 __all__ = [
   "SOURCE_KINDS",
@@ -70,22 +75,37 @@ __all__ = [
   "EmptyCorpusError",
   "MissingDependencyError",
   "RecordError",
+  "SOURCE_OPTIONS",
   "build_source",
+  "check_source_options",
   "describe_document",
   "validation_mask",
 ]
 
 SOURCE_KINDS = ("stdlib", "text", "jsonl", "parquet", "array_record", "hf_dataset", "tfds")
 
-_COMMON_KEYS = ("kind", "validation_fraction", "splits")
-_KIND_KEYS = {
-  "stdlib": (),
-  "text": ("path", "one_document_per_line"),
-  "jsonl": ("path", "text_field"),
-  "parquet": ("path", "text_field"),
-  "array_record": ("path", "text_field"),
-  "hf_dataset": ("path", "text_field", "split"),
-  "tfds": ("name", "data_dir", "text_field"),
+# Every option of every kind and its type (what `default_data_config()` declares each one as, so
+# the command line can set it: `object` options take a string or a list/dict literal).
+SOURCE_OPTIONS = {
+  "kind": str,
+  "path": object,  # a file, directory or glob, or a list of them
+  "text_field": str,
+  "one_document_per_line": bool,
+  "split": str,  # hf_dataset: the saved split to read
+  "name": str,  # tfds: the dataset name
+  "data_dir": str,
+  "validation_fraction": float,
+  "splits": object,  # {split: glob or list of globs}
+}
+_FILE_KIND = ("kind", "path", "text_field", "validation_fraction", "splits")
+_KIND_OPTIONS = {
+  "stdlib": ("kind", "validation_fraction"),
+  "text": ("kind", "path", "one_document_per_line", "validation_fraction", "splits"),
+  "jsonl": _FILE_KIND,
+  "parquet": _FILE_KIND,
+  "array_record": _FILE_KIND,
+  "hf_dataset": ("kind", "path", "text_field", "split", "validation_fraction", "splits"),
+  "tfds": ("kind", "name", "data_dir", "text_field", "splits"),
 }
 
 
@@ -156,9 +176,9 @@ def _expand(paths: str | Sequence[str], field: str) -> tuple[list[str], list[str
   return files, keys
 
 
-def _get(config, key: str, default=None):
-  value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-  return default if value is None else value
+def _get(config: dict, key: str, default=None):
+  """`config[key]`, or `default` when unset (`_set_options` already dropped None values)."""
+  return config.get(key, default)
 
 
 def _to_dict(value) -> dict | None:
@@ -171,13 +191,33 @@ def _to_dict(value) -> dict | None:
   return dict(value)
 
 
-def _check_keys(config, kind: str) -> None:
-  keys = config.keys() if hasattr(config, "keys") else ()
-  every_kind = set(_COMMON_KEYS).union(*_KIND_KEYS.values())
-  for key in keys:
-    if key not in every_kind:
-      allowed = ", ".join(_COMMON_KEYS + _KIND_KEYS[kind])
-      raise ConfigError(f"source.{key} is not a source option; options for {kind!r}: {allowed}")
+def _set_options(source_config) -> dict[str, Any]:
+  """The options a ConfigDict or dict sets, as a plain dict: None-valued options are unset."""
+  if source_config is None:
+    return {}
+  if hasattr(source_config, "to_dict"):
+    source_config = source_config.to_dict()
+  if not isinstance(source_config, Mapping):
+    raise ConfigError(f"the source config must be a dict with a 'kind', got {source_config!r}")
+  return {key: value for key, value in source_config.items() if value is not None}
+
+
+def check_source_options(options: Mapping[str, Any], field: str = "source") -> None:
+  """Raises `ConfigError`, naming `{field}.{key}`, for a set option the kind does not read.
+
+  Ignoring it instead would let a misplaced option (`text_field` for `stdlib`) silently do
+  nothing. None-valued options count as unset. Kinds outside `SOURCE_KINDS` are not checked (a
+  caller with its own `build_source` may define them); `build_source` rejects them.
+  """
+  kind = options.get("kind") or "stdlib"
+  check_kind_options(
+    options,
+    field=field,
+    kind=kind,
+    allowed_by_kind=_KIND_OPTIONS,
+    known=SOURCE_OPTIONS,
+    what="source",
+  )
 
 
 def _file_patterns(config, split: str, splits: dict | None) -> tuple[Any, str]:
@@ -283,16 +323,16 @@ def build_source(source_config, split: str) -> grain.MapDataset:
   """Builds the documents of `split` ("train", "validation" or "all") as a grain MapDataset.
 
   `source_config` is a ConfigDict or dict with `kind` (default "stdlib") and the keys of that
-  kind (see the module docstring). Element `i` is a `str` or `bytes` document; order and split
-  are deterministic. Raises `ConfigError` for bad options, `DataPathNotFoundError` for a path
-  that matches nothing, `EmptyCorpusError` when the split holds no document, and
-  `MissingDependencyError` when an optional package is missing.
+  kind (see the module docstring); None-valued keys are unset. Element `i` is a `str` or `bytes`
+  document; order and split are deterministic. Raises `ConfigError` for bad options,
+  `DataPathNotFoundError` for a path that matches nothing, `EmptyCorpusError` when the split
+  holds no document, and `MissingDependencyError` when an optional package is missing.
   """
-  config = source_config if source_config is not None else {}
+  config = _set_options(source_config)
   kind = _get(config, "kind", "stdlib")
   if kind not in SOURCE_KINDS:
     raise ConfigError(f"source.kind {kind!r} is unknown; use one of {', '.join(SOURCE_KINDS)}")
-  _check_keys(config, kind)
+  check_source_options(config)
   fraction = float(_get(config, "validation_fraction", 0.02))
   if not 0.0 <= fraction <= 1.0:
     raise ConfigError(f"source.validation_fraction={fraction} is not in [0, 1]; use e.g. 0.02")
@@ -301,14 +341,10 @@ def build_source(source_config, split: str) -> grain.MapDataset:
     raise ConfigError(
       f"split {split!r} is unknown; use train, validation or all, or name it in source.splits"
     )
-  if splits is not None and kind == "stdlib":
-    raise ConfigError("source.splits does not apply to kind 'stdlib'; set validation_fraction")
   hash_split = splits is None
   if kind == "stdlib":
-    from lcjax.data import stdlib_corpus
-
-    root = stdlib_corpus.stdlib_root()
-    keys = stdlib_corpus.stdlib_files(root)
+    root = stdlib_root()
+    keys = stdlib_files(root)
     files = [os.path.join(root, key) for key in keys]
     name, reader = f"stdlib {root}", _FileReader(files, keys)
   elif kind == "hf_dataset":

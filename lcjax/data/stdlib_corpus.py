@@ -9,7 +9,7 @@ which exercises the tokenizers' undecodable-document path).
 Measured on CPython 3.11.7 (`corpus_stats()`): 1790 documents, 31.5 MB, 721 documents longer
 than 10K bytes, 51 longer than 100K bytes, the longest 757K bytes, median 6.5K bytes. With the
 default `validation_fraction=0.02`, 39 of them (by a stable hash of the relative path, see
-`lcjax.data.sources.validation_mask`) form the validation split and 1751 the train split.
+`lcjax.data.readers.validation_mask`) form the validation split and 1751 the train split.
 
     >>> from lcjax.data import build_source
     >>> docs = build_source({"kind": "stdlib"}, "train")
@@ -22,6 +22,8 @@ import sys
 import sysconfig
 
 import numpy as np
+
+from lcjax.data.readers import validation_mask
 
 __all__ = ["corpus_stats", "stdlib_files", "stdlib_root"]
 
@@ -59,8 +61,6 @@ def corpus_stats(validation_fraction: float = 0.02, root: str | None = None) -> 
   `documents_over_100k`, `max_bytes`, `median_bytes`, and `train_documents`,
   `validation_documents`, `validation_bytes` under the hash split of `validation_fraction`.
   """
-  from lcjax.data.sources import validation_mask
-
   root = root or stdlib_root()
   paths = stdlib_files(root)
   sizes_N = np.array([os.path.getsize(os.path.join(root, p)) for p in paths], dtype=np.int64)

@@ -5,7 +5,8 @@
 `decode(ids) -> str`, and the ints `vocab_size` (the model's embedding rows, padded up to a
 multiple of `pad_vocab_to`), `pad_id`, `bos_id` and `eos_id`.
 
-Config keys:
+Config keys (`TOKENIZER_OPTIONS`; an option set to None counts as unset, and setting one the
+kind does not read, e.g. `path` for "byte", raises `ConfigError`):
 
 - `kind`: "byte" (default) or "hf".
 - `pad_vocab_to` (default 128): `vocab_size` is rounded up to a multiple of it (1: no padding).
@@ -34,23 +35,35 @@ from __future__ import annotations
 import abc
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from lcjax.config import ConfigError
+from lcjax.config import ConfigError, check_kind_options
 
 __all__ = [
   "TOKENIZER_KINDS",
+  "TOKENIZER_OPTIONS",
   "ByteTokenizer",
   "HFTokenizer",
   "Tokenizer",
   "UndecodableDocument",
   "build_tokenizer",
+  "check_tokenizer_options",
 ]
 
 TOKENIZER_KINDS = ("byte", "hf")
-_KEYS = ("kind", "pad_vocab_to", "path", "vocab_size", "bos_token", "eos_token", "pad_token")
+# Every option of every kind and its type (what `default_data_config()` declares each one as).
+TOKENIZER_OPTIONS = {
+  "kind": str,
+  "pad_vocab_to": int,  # None: 128
+  "path": str,
+  "vocab_size": int,
+  "bos_token": str,
+  "eos_token": str,
+  "pad_token": str,
+}
+_KIND_OPTIONS = {"byte": ("kind", "pad_vocab_to"), "hf": tuple(TOKENIZER_OPTIONS)}
 _EOS_FALLBACKS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 
 
@@ -247,37 +260,63 @@ class HFTokenizer(Tokenizer):
     return self._auto.decode(kept, skip_special_tokens=skip_special_tokens)
 
 
-def _get(config, key: str, default=None):
-  value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-  return default if value is None else value
+def _set_options(tokenizer_config) -> dict:
+  """The options a ConfigDict or dict sets, as a plain dict: None-valued options are unset."""
+  if tokenizer_config is None:
+    return {}
+  if hasattr(tokenizer_config, "to_dict"):
+    tokenizer_config = tokenizer_config.to_dict()
+  if not isinstance(tokenizer_config, Mapping):
+    raise ConfigError(
+      f"the tokenizer config must be a dict with a 'kind', got {tokenizer_config!r}"
+    )
+  return {key: value for key, value in tokenizer_config.items() if value is not None}
+
+
+def check_tokenizer_options(options: Mapping, field: str = "tokenizer") -> None:
+  """Raises `ConfigError`, naming `{field}.{key}`, for a set option the kind does not read.
+
+  Ignoring it instead would let a misplaced option (a `path` without `kind="hf"`) silently do
+  nothing. None-valued options count as unset; kinds outside `TOKENIZER_KINDS` are not checked
+  (`build_tokenizer` rejects them).
+  """
+  kind = options.get("kind") or "byte"
+  check_kind_options(
+    options,
+    field=field,
+    kind=kind,
+    allowed_by_kind=_KIND_OPTIONS,
+    known=TOKENIZER_OPTIONS,
+    what="tokenizer",
+  )
 
 
 def build_tokenizer(tokenizer_config=None) -> Tokenizer:
   """Builds the tokenizer a ConfigDict or dict describes (None: the byte tokenizer).
 
   Keys: `kind` ("byte" or "hf"), `pad_vocab_to`, and for "hf" `path`, `vocab_size`,
-  `bos_token`, `eos_token`, `pad_token` (see the module docstring).
+  `bos_token`, `eos_token`, `pad_token` (see the module docstring); None-valued keys are unset.
   """
-  config = tokenizer_config if tokenizer_config is not None else {}
-  for key in config.keys() if hasattr(config, "keys") else ():
-    if key not in _KEYS:
-      raise ConfigError(f"tokenizer.{key} is not a tokenizer option; options: {', '.join(_KEYS)}")
-  kind = _get(config, "kind", "byte")
-  pad_vocab_to = int(_get(config, "pad_vocab_to", 128))
+  config = _set_options(tokenizer_config)
+  kind = config.get("kind", "byte")
+  if kind not in TOKENIZER_KINDS:
+    raise ConfigError(
+      f"tokenizer.kind {kind!r} is unknown; use one of {', '.join(TOKENIZER_KINDS)}"
+    )
+  check_tokenizer_options(config)
+  pad_vocab_to = int(config.get("pad_vocab_to", 128))
   if pad_vocab_to < 1:
     raise ConfigError(f"tokenizer.pad_vocab_to={pad_vocab_to} must be >= 1; use 128 or 1")
   if kind == "byte":
     return ByteTokenizer(pad_vocab_to)
-  if kind == "hf":
-    path = _get(config, "path")
-    if path is None:
-      raise ConfigError("tokenizer.path is not set; set it to a Hugging Face tokenizer folder")
-    return HFTokenizer(
-      os.path.expanduser(str(path)),
-      pad_vocab_to=pad_vocab_to,
-      vocab_size=_get(config, "vocab_size"),
-      bos_token=_get(config, "bos_token"),
-      eos_token=_get(config, "eos_token"),
-      pad_token=_get(config, "pad_token"),
-    )
-  raise ConfigError(f"tokenizer.kind {kind!r} is unknown; use one of {', '.join(TOKENIZER_KINDS)}")
+  path = config.get("path")
+  if path is None:
+    raise ConfigError("tokenizer.path is not set; set it to a Hugging Face tokenizer folder")
+  return HFTokenizer(
+    os.path.expanduser(str(path)),
+    pad_vocab_to=pad_vocab_to,
+    vocab_size=config.get("vocab_size"),
+    bos_token=config.get("bos_token"),
+    eos_token=config.get("eos_token"),
+    pad_token=config.get("pad_token"),
+  )
