@@ -34,6 +34,9 @@ ROPE_CASES = {
 }
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+# A head_dim that is not hidden_size // num_attention_heads (64 // 4 = 16): all three
+# transformers types read config.head_dim, so q/k/v/o projections are 4*24 = 96 wide.
+ODD_HEAD_DIM = 24
 
 
 def hf_config(model_type: str, rope: dict, **overrides) -> transformers.PretrainedConfig:

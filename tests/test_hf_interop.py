@@ -1,14 +1,16 @@
 """lcjax ↔ transformers: logits match in float32 for every model type and rope type."""
 
+import ast
 import json
 import os
+import pathlib
 
 import jax
 import numpy as np
 import pytest
 import transformers
 from flax import nnx
-from hf_fixtures import MODEL_TYPES, ROPE_CASES, hf_config, hf_logits, hf_model
+from hf_fixtures import MODEL_TYPES, ODD_HEAD_DIM, ROPE_CASES, hf_config, hf_logits, hf_model
 from safetensors.numpy import load_file, save_file
 
 from lcjax.interop.hf import (
@@ -18,6 +20,8 @@ from lcjax.interop.hf import (
   load_pretrained,
   save_pretrained,
 )
+from lcjax.models import build_model
+from lcjax.models.config import head_dim
 
 # float32 end to end; the two frameworks sum in different orders, so logits of
 # magnitude ~10 differ by ~1e-6 relative. 1e-4 absolute is the issue's bound.
@@ -61,8 +65,6 @@ def test_save_pretrained_loads_in_transformers(tmp_path, model_type, rope_name):
 
 def _random_lcjax(cfg, seed):
   """An lcjax model with weights large enough that logits vary (as in hf_fixtures)."""
-  from lcjax.models import build_model
-
   model = build_model(cfg, rngs=nnx.Rngs(seed))
   state = nnx.state(model, nnx.Param)
   leaves, treedef = jax.tree.flatten(state)
@@ -75,6 +77,30 @@ def _random_lcjax(cfg, seed):
   ]
   nnx.update(model, jax.tree.unflatten(treedef, new))
   return model
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_head_dim_not_hidden_over_heads_round_trips(tmp_path, model_type):
+  """transformers → lcjax → transformers with head_dim != hidden_size / num_attention_heads.
+
+  All three types read `config.head_dim` (Qwen2Config keeps it as an extra key), so
+  lcjax must import it and write it back; yarn makes the rotary frequencies depend on it.
+  """
+  torch_model = hf_model(hf_config(model_type, ROPE_CASES["yarn"], head_dim=ODD_HEAD_DIM))
+  assert torch_model.model.layers[0].self_attn.q_proj.out_features == 4 * ODD_HEAD_DIM
+  torch_model.save_pretrained(tmp_path / "hf")
+  tokens = _tokens()  # the shape of the other tests: their compiled ops are reused
+  want = hf_logits(torch_model, tokens)
+
+  model, cfg = load_pretrained(str(tmp_path / "hf"))
+  assert head_dim(cfg) == ODD_HEAD_DIM
+  np.testing.assert_allclose(np.asarray(model(tokens)), want, atol=ATOL, rtol=0)
+
+  save_pretrained(model, cfg, str(tmp_path / "out"))
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["head_dim"] == ODD_HEAD_DIM
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+  loaded.config._attn_implementation = "eager"
+  np.testing.assert_allclose(hf_logits(loaded, tokens), want, atol=ATOL, rtol=0)
 
 
 def test_sharded_checkpoint_and_tied_embeddings(tmp_path):
@@ -96,10 +122,12 @@ def test_sharded_checkpoint_and_tied_embeddings(tmp_path):
   assert sorted(os.listdir(tmp_path / "re")) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize("head_dim_override", [{}, {"head_dim": ODD_HEAD_DIM}])
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_config_round_trip(model_type):
-  hf = hf_config(model_type, ROPE_CASES["yarn"]).to_dict()
+def test_config_round_trip(model_type, head_dim_override):
+  hf = hf_config(model_type, ROPE_CASES["yarn"], **head_dim_override).to_dict()
   cfg = config_from_hf(hf)
+  assert head_dim(cfg) == head_dim_override.get("head_dim", 64 // 4)
   assert config_from_hf(config_to_hf(cfg)).to_dict() == cfg.to_dict()
 
 
@@ -140,3 +168,33 @@ def test_missing_weights_file_and_bad_rope(tmp_path):
         "rope_parameters": {"rope_type": "spiral", "rope_theta": 1e4},
       }
     )
+
+
+def _imported_modules(nodes) -> set[str]:
+  """Modules named by the import statements among `nodes` (`from a import b` names a and a.b)."""
+  names = set()
+  for node in nodes:
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      names.update(f"{node.module}.{alias.name}" for alias in node.names)
+  return names
+
+
+def test_interop_imports_go_one_way():
+  """hf → hf_mamba2 → safetensors_io, never back; lcjax modules imported at module top."""
+  for file in sorted((pathlib.Path(__file__).parents[1] / "lcjax" / "interop").glob("*.py")):
+    tree = ast.parse(file.read_text())
+    top = _imported_modules(tree.body)
+    in_functions = _imported_modules(
+      node
+      for fn in ast.walk(tree)
+      if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
+      for node in ast.walk(fn)
+    )
+    assert not [m for m in in_functions if m.startswith("lcjax")], file.name
+    if file.stem in ("hf_mamba2", "safetensors_io"):
+      assert "lcjax.interop.hf" not in top, f"{file.name} imports lcjax.interop.hf"
+    if file.stem == "safetensors_io":
+      assert not [m for m in top if m.startswith("lcjax")], "safetensors_io imports lcjax"

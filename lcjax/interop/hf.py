@@ -5,12 +5,13 @@
 `model.safetensors.index.json`); `save_pretrained(model, model_config, path)`
 writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 Logits match transformers in float32 (tests/test_hf_interop.py). No torch is
-needed: tensors go through safetensors' numpy API (bfloat16 via ml_dtypes).
+needed: folder reading and writing live in `lcjax.interop.safetensors_io`
+(safetensors' numpy API, bfloat16 via ml_dtypes); `model_type` mamba2 is handed to
+`lcjax.interop.hf_mamba2`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -20,9 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from lcjax.interop import hf_mamba2
+from lcjax.interop.safetensors_io import (
+  CONFIG_FILE,
+  CheckpointError,
+  get_path,
+  read_config,
+  read_tensors,
+  set_path,
+  tensor_files,
+  write_checkpoint,
+)
 from lcjax.models import build_model, llama_config
 from lcjax.models.config import head_dim, layer_types, validate_model_config
 from lcjax.positional.rope import standardize_rope_parameters, to_hf_rope_fields
@@ -43,12 +53,6 @@ _ARCHITECTURES = {
 }
 # Buffers some checkpoints carry that are recomputed, never loaded.
 _IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
-_INDEX_FILE = "model.safetensors.index.json"
-_SINGLE_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-  """A checkpoint folder lcjax cannot read; the message names the file and key."""
 
 
 # ---------------------------------------------------------------------------- config
@@ -58,12 +62,14 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json"):
   """Maps a transformers config dict to an lcjax model config (`llama_config` fields).
 
   Defaults for absent keys are those of transformers 5.x `LlamaConfig`,
-  `MistralConfig` and `Qwen2Config`.
+  `MistralConfig` and `Qwen2Config`. `head_dim` is read as transformers reads it
+  for all three types: `getattr(config, "head_dim", None) or hidden_size //
+  num_attention_heads` (the rotary embeddings in modeling_{llama,mistral,qwen2}.py;
+  LlamaConfig/MistralConfig resolve a null head_dim the same way, and Qwen2Config,
+  which has no head_dim field, keeps the key when config.json has it).
   """
   model_type = hf.get("model_type")
   if model_type == "mamba2":
-    from lcjax.interop import hf_mamba2
-
     return hf_mamba2.config_from_hf(hf, source=source)
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise CheckpointError(
@@ -123,8 +129,6 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json"):
 def config_to_hf(cfg) -> dict[str, Any]:
   """The transformers `config.json` dict for an lcjax model config."""
   if cfg.get("family") == "mamba2":
-    from lcjax.interop import hf_mamba2
-
     return hf_mamba2.config_to_hf(cfg)
   model_type = cfg.hf_model_type
   kinds = list(layer_types(cfg))
@@ -150,7 +154,7 @@ def config_to_hf(cfg) -> dict[str, Any]:
     initializer_range=cfg.initializer_range,
     dtype="float32",
   )
-  hf.update(to_hf_rope_fields(cfg.rope.to_dict()))
+  hf.update(to_hf_rope_fields(_hf_rope(cfg.rope.to_dict())))
   sliding = "sliding_attention" in kinds
   if model_type == "llama":
     if sliding:
@@ -166,15 +170,39 @@ def config_to_hf(cfg) -> dict[str, Any]:
   else:
     if not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
       raise CheckpointError("qwen2 has q/k/v biases only; set qkv_bias=True, o_bias=mlp_bias=False")
-    if head_dim(cfg) * cfg.num_heads != cfg.d_model:
-      raise CheckpointError("qwen2 derives head_dim = hidden_size // num_heads; unset head_dim")
+    # Qwen2Config has no head_dim field but keeps the extra key (PreTrainedConfig
+    # stores unknown kwargs), and Qwen2Attention / Qwen2RotaryEmbedding read it
+    # (transformers/models/qwen2/modeling_qwen2.py).
     hf.update(
+      head_dim=head_dim(cfg),
       use_sliding_window=sliding,
       sliding_window=cfg.sliding_window if sliding else None,
       max_window_layers=kinds.index("sliding_attention") if sliding else cfg.num_layers,
       layer_types=kinds,
     )
   return hf
+
+
+# The rope types transformers computes ("default" inline, the rest in ROPE_INIT_FUNCTIONS).
+HF_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional")
+
+
+def _hf_rope(rope: dict) -> dict:
+  """The rope dict to export: ABF as HF's default RoPE; lcjax-only types refused.
+
+  ABF (Xiong et al. 2023, "Effective Long-Context Scaling of Foundation Models") only
+  raises the base: it is transformers' `default` type with its `rope_theta`, so an ABF
+  continual-pretraining run exports as a checkpoint transformers loads unchanged.
+  """
+  if rope["rope_type"] == "abf":
+    return {**rope, "rope_type": "default"}
+  if rope["rope_type"] not in HF_ROPE_TYPES:
+    raise CheckpointError(
+      f"model.rope.rope_type={rope['rope_type']!r} is lcjax-only; transformers computes "
+      f"{', '.join(HF_ROPE_TYPES)} (and lcjax's abf as default), so this model cannot be "
+      "exported"
+    )
+  return rope
 
 
 def _require_no_bias(cfg, model_type: str) -> None:
@@ -210,55 +238,6 @@ def _hf_names(cfg) -> Iterator[tuple[str, tuple, bool]]:
     yield "lm_head.weight", ("lm_head", "kernel"), True
 
 
-def _tensor_files(path: str) -> dict[str, str]:
-  """Tensor name → safetensors file, from the index when sharded."""
-  index_path = os.path.join(path, _INDEX_FILE)
-  if os.path.exists(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f).get("weight_map")
-    if not isinstance(weight_map, dict):
-      raise CheckpointError(f"{index_path}: has no 'weight_map' dict")
-    return {name: os.path.join(path, file) for name, file in weight_map.items()}
-  single = os.path.join(path, _SINGLE_FILE)
-  if not os.path.exists(single):
-    raise CheckpointError(
-      f"{path}: no {_SINGLE_FILE} or {_INDEX_FILE}; lcjax reads safetensors checkpoints only"
-    )
-  with safe_open(single, framework="numpy") as f:
-    return {name: single for name in f.keys()}
-
-
-def _read_tensors(files: dict[str, str], names: list[str]) -> dict[str, np.ndarray]:
-  by_file: dict[str, list[str]] = {}
-  for name in names:
-    by_file.setdefault(files[name], []).append(name)
-  out = {}
-  for file, file_names in by_file.items():
-    if not os.path.exists(file):
-      raise CheckpointError(f"{file}: shard listed in {_INDEX_FILE} does not exist")
-    with safe_open(file, framework="numpy") as f:
-      present = set(f.keys())
-      for name in file_names:
-        if name not in present:
-          raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the file")
-        out[name] = f.get_tensor(name)
-  return out
-
-
-def _set_path(tree: dict, path: tuple, value) -> None:
-  for key in path[:-1]:
-    tree = tree[key]
-  if path[-1] not in tree:
-    raise KeyError(path)
-  tree[path[-1]] = value
-
-
-def _get_path(tree: dict, path: tuple):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
 def load_pretrained(path: str, *, dtype=jnp.float32):
   """Loads a transformers checkpoint folder into an lcjax model.
 
@@ -269,21 +248,11 @@ def load_pretrained(path: str, *, dtype=jnp.float32):
   Returns:
     (model, model_config).
   """
-  config_path = os.path.join(path, "config.json")
-  if not os.path.exists(config_path):
-    raise CheckpointError(f"{config_path}: not found; a Hugging Face folder needs config.json")
-  with open(config_path) as f:
-    try:
-      hf = json.load(f)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
-  cfg = config_from_hf(hf, source=config_path)
+  cfg = config_from_hf(read_config(path), source=os.path.join(path, CONFIG_FILE))
   if cfg.family == "mamba2":
-    from lcjax.interop import hf_mamba2
-
     return hf_mamba2.load_weights(path, cfg, dtype=dtype), cfg
 
-  files = _tensor_files(path)
+  files = tensor_files(path)
   expected = list(_hf_names(cfg))
   missing = [name for name, _, _ in expected if name not in files]
   if missing:
@@ -298,20 +267,20 @@ def load_pretrained(path: str, *, dtype=jnp.float32):
       f"{path}: tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all) has no place in "
       f"an lcjax {cfg.hf_model_type} model; is config.json the right one for these weights?"
     )
-  tensors = _read_tensors(files, [name for name, _, _ in expected])
+  tensors = read_tensors(files, [name for name, _, _ in expected])
 
   abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
   for name, lc_path, transpose in expected:
     array = tensors[name].T if transpose else tensors[name]
-    want = _get_path(pure, lc_path).shape
+    want = get_path(pure, lc_path).shape
     if array.shape != want:
       raise CheckpointError(
         f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, but config.json implies "
         f"{tuple(want[::-1]) if transpose else tuple(want)}"
       )
-    _set_path(pure, lc_path, jnp.asarray(array.astype(np.float32), dtype=dtype))
+    set_path(pure, lc_path, jnp.asarray(array.astype(np.float32), dtype=dtype))
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state), cfg
 
@@ -321,63 +290,16 @@ def save_pretrained(model, model_config, path: str, *, max_shard_bytes: int = 5 
 
   Shards larger models with `model.safetensors.index.json` like transformers.
   Files are written under temporary names and renamed, so an existing folder is
-  never left half-overwritten.
+  never left half-overwritten; weight files of an earlier save are removed
+  (`safetensors_io.write_checkpoint`).
   """
   hf = config_to_hf(model_config)
   if model_config.get("family") == "mamba2":
-    from lcjax.interop import hf_mamba2
-
     tensors = hf_mamba2.hf_tensors(model, model_config)
   else:
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = {}
     for name, lc_path, transpose in _hf_names(model_config):
-      array = np.asarray(jax.device_get(_get_path(pure, lc_path)), dtype=np.float32)
+      array = np.asarray(jax.device_get(get_path(pure, lc_path)), dtype=np.float32)
       tensors[name] = np.ascontiguousarray(array.T if transpose else array)
-
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name, array in tensors.items():
-    if shards[-1] and size + array.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][name] = array
-    size += array.nbytes
-
-  os.makedirs(path, exist_ok=True)
-  written: list[tuple[str, str]] = []  # (tmp, final)
-
-  def stage(final_name: str) -> str:
-    tmp = os.path.join(path, f".{final_name}.tmp")
-    written.append((tmp, os.path.join(path, final_name)))
-    return tmp
-
-  meta = {"format": "pt"}
-  if len(shards) == 1:
-    save_file(shards[0], stage(_SINGLE_FILE), metadata=meta)
-  else:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, stage(file), metadata=meta)
-      weight_map.update({name: file for name in shard})
-    total = sum(a.nbytes for a in tensors.values())
-    with open(stage(_INDEX_FILE), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  with open(stage("config.json"), "w") as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
-  for tmp, final in written:
-    os.replace(tmp, final)
-  _remove_stale_weights(path, keep={os.path.basename(final) for _, final in written})
-
-
-def _remove_stale_weights(path: str, keep: set[str]) -> None:
-  """Deletes weight files of an earlier save that the new one replaced.
-
-  Only transformers' own weight file names are touched, so a stale index can't
-  point the next load at old shards; any other file in the folder stays.
-  """
-  pattern = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
-  for name in os.listdir(path):
-    if pattern.match(name) and name not in keep:
-      os.remove(os.path.join(path, name))
+  write_checkpoint(path, tensors, hf, max_shard_bytes=max_shard_bytes)

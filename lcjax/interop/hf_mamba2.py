@@ -1,8 +1,10 @@
 """Hugging Face interop for Mamba-2: transformers' `Mamba2ForCausalLM` config and weights.
 
 `lcjax.interop.hf.load_pretrained` / `save_pretrained` / `config_from_hf` /
-`config_to_hf` hand `model_type == "mamba2"` to the functions here. The forward pass
-matches transformers 5.x's torch path in float32 (tests/test_mamba2.py). Weight names:
+`config_to_hf` hand `model_type == "mamba2"` to the functions here; this module
+does not import `lcjax.interop.hf` (folder I/O is `lcjax.interop.safetensors_io`).
+The forward pass matches transformers 5.x's torch path in float32
+(tests/test_mamba2.py). Weight names:
 
   backbone.embeddings.weight             embed_tokens.embedding
   backbone.layers.{i}.norm.weight        layers.{i}.norm.scale
@@ -26,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lcjax.interop.hf import (
+from lcjax.interop.safetensors_io import (
   CheckpointError,
-  _get_path,
-  _read_tensors,
-  _set_path,
-  _tensor_files,
+  get_path,
+  read_tensors,
+  set_path,
+  tensor_files,
 )
 from lcjax.models import build_model
 from lcjax.models.mamba2 import mamba2_config, num_heads, validate_mamba2_config
@@ -199,7 +201,7 @@ def hf_tensor_names(cfg) -> Iterator[tuple[str, tuple, str]]:
 
 def load_weights(path: str, cfg, *, dtype=jnp.float32):
   """Builds the lcjax Mamba2LM for `cfg` with the safetensors weights in `path`."""
-  files = _tensor_files(path)
+  files = tensor_files(path)
   on_disk: dict[str, str] = {}  # our name → the checkpoint's, where they differ
   if "backbone.embeddings.weight" not in files and _OLD_EMBEDDING in files:
     on_disk["backbone.embeddings.weight"] = _OLD_EMBEDDING
@@ -219,7 +221,7 @@ def load_weights(path: str, cfg, *, dtype=jnp.float32):
       f"{path}: tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all) has no place in "
       "an lcjax mamba2 model; is config.json the right one for these weights?"
     )
-  raw = _read_tensors(
+  raw = read_tensors(
     {on_disk.get(n, n): f for n, f in files.items()}, [on_disk.get(n, n) for n, _, _ in expected]
   )
   tensors = {name: raw[on_disk.get(name, name)] for name, _, _ in expected}
@@ -228,7 +230,7 @@ def load_weights(path: str, cfg, *, dtype=jnp.float32):
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
   for name, lc_path, layout in expected:
-    array, want = tensors[name], _get_path(pure, lc_path).shape
+    array, want = tensors[name], get_path(pure, lc_path).shape
     if layout == "conv" and (array.ndim != 3 or array.shape[1] != 1):
       raise CheckpointError(f"{path}: tensor {name!r} has shape {array.shape}; expected [C, 1, K]")
     array = _TO_LCJAX[layout](array)
@@ -237,7 +239,7 @@ def load_weights(path: str, cfg, *, dtype=jnp.float32):
         f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, but config.json implies "
         f"{tuple(_TO_HF[layout](np.zeros(want)).shape)}"
       )
-    _set_path(pure, lc_path, jnp.asarray(array.astype(np.float32), dtype=dtype))
+    set_path(pure, lc_path, jnp.asarray(array.astype(np.float32), dtype=dtype))
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
 
@@ -247,6 +249,6 @@ def hf_tensors(model, cfg) -> dict[str, np.ndarray]:
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   tensors = {}
   for name, lc_path, layout in hf_tensor_names(cfg):
-    array = np.asarray(jax.device_get(_get_path(pure, lc_path)), dtype=np.float32)
+    array = np.asarray(jax.device_get(get_path(pure, lc_path)), dtype=np.float32)
     tensors[name] = np.ascontiguousarray(_TO_HF[layout](array))
   return tensors

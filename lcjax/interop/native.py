@@ -16,30 +16,57 @@ from flax import nnx
 
 from lcjax.models import build_model
 
-__all__ = ["save_params", "load_params"]
+__all__ = [
+  "MODEL_CONFIG_FILE",
+  "load_params",
+  "read_model_config",
+  "save_params",
+  "write_model_config",
+]
+
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def write_model_config(model_config, folder: str) -> None:
+  """Writes `folder/model_config.json` (the lcjax model fields), atomically."""
+  path = os.path.join(folder, MODEL_CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(model_config.to_json(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def read_model_config(folder: str) -> ml_collections.ConfigDict | None:
+  """The model config in `folder/model_config.json`, or None when there is none."""
+  path = os.path.join(folder, MODEL_CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    fields = json.load(f)
+  if isinstance(fields.get("layer_types"), list):  # a tuple in the config, a list in JSON
+    fields["layer_types"] = tuple(fields["layer_types"])
+  return ml_collections.ConfigDict(fields)
 
 
 def save_params(model, model_config, path: str) -> None:
+  """Writes `path/params` (orbax, the model's nnx.Param state) and `path/model_config.json`."""
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   state = nnx.state(model, nnx.Param)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, "params"), nnx.to_pure_dict(state), force=True)
-  with open(os.path.join(path, "model_config.json"), "w") as f:
-    f.write(model_config.to_json(indent=2, sort_keys=True))
+  write_model_config(model_config, path)
 
 
 def load_params(path: str):
   """Returns (model, model_config) from a folder written by `save_params`."""
   path = os.path.abspath(path)
-  config_path = os.path.join(path, "model_config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path}: not found; is {path} an lcjax params folder?")
-  with open(config_path) as f:
-    fields = json.load(f)
-  if isinstance(fields.get("layer_types"), list):
-    fields["layer_types"] = tuple(fields["layer_types"])
-  cfg = ml_collections.ConfigDict(fields)
+  cfg = read_model_config(path)
+  if cfg is None:
+    raise FileNotFoundError(
+      f"{os.path.join(path, MODEL_CONFIG_FILE)}: not found; is {path} an lcjax params folder?"
+    )
   abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
