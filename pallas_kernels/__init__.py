@@ -14,6 +14,10 @@ bodies), `block_sparse_launch` (BlockSpecs, grids, platform choice),
 `block_sparse_attention` (custom VJP and public entry points), `anchor_attention`.
 """
 
+# lcjax.attention's registry imports these kernels, and the kernels import
+# lcjax.attention's masks: loading that package first means that whichever of the two is
+# imported first, every module is complete before anyone takes a name from it.
+import lcjax.attention  # noqa: F401  (see above)
 from pallas_kernels.anchor_attention import ANCHOR_MASK, anchor_attention
 from pallas_kernels.block_sparse_attention import (
   block_sparse_attention,

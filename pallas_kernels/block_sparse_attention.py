@@ -68,20 +68,28 @@ h // G in the forward and dQ grids), and heads skip different blocks.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from lcjax.attention.masks import MaskSpec, resolve_mask_inputs
-from lcjax.attention.reference import check_qkv
+from lcjax.attention.inputs import (
+  AttentionOptions,
+  MaskInputs,
+  attention_entry,
+  backward_entry,
+  check_qkv,
+)
+from lcjax.attention.masks import MaskSpec
 from pallas_kernels.block_sparse_launch import _backward, _forward
 from pallas_kernels.block_sparse_steps import _Static
 from pallas_kernels.block_tables import BlockTables, block_tables
 
 __all__ = [
+  "attention_with_lse",
+  "backward",
+  "forward",
   "block_sparse_attention",
   "block_sparse_bwd",
   "block_sparse_fwd",
@@ -175,9 +183,6 @@ def block_sparse_tables(
   return block_tables(block_map_BQK), block_tables(block_map_BQK.swapaxes(-1, -2))
 
 
-_STATIC = ("mask", "scale", "block_q", "block_kv", "interpret")
-
-
 class _Prepared(NamedTuple):
   """One call's statics and its padded kernel-layout inputs (heads before rows)."""
 
@@ -203,18 +208,18 @@ def _to_kernel_layout(x_BTHD, Tp, Dp):
   return _pad_rows(_pad_last(x_BTHD, Dp), Tp).transpose(0, 2, 1, 3)
 
 
-def _prepare(q_BTHD, k_BSKD, v_BSKD, segs, positions, *, mask, scale, block_q, block_kv, interpret):
+def _prepare(q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs, opts: AttentionOptions, interpret):
   """Statics, padded inputs and block tables shared by the differentiable and ring entries."""
   G = check_qkv(q_BTHD, k_BSKD, v_BSKD)
   B, T, Hq, D = q_BTHD.shape
   S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
-  scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+  mask = opts.mask
   # Blocks never exceed the sequence (rounded up to a power of two, as Triton needs), so
   # tiny inputs are one block.
-  bq, bk = min(block_q, _pow2_at_least(T)), min(block_kv, _pow2_at_least(S))
+  bq, bk = min(opts.block_q, _pow2_at_least(T)), min(opts.block_kv, _pow2_at_least(S))
   Tp, Sp = _round_up(T, bq), _round_up(S, bk)
-  st = _Static(mask, scale, bq, bk, T, S, G, interpret, Hkv)
-  q_pos, k_pos, q_seg, k_seg = resolve_mask_inputs(mask, B, T, S, *positions, *segs)
+  st = _Static(mask, opts.score_scale(D), bq, bk, T, S, G, interpret, Hkv)
+  q_pos, k_pos, q_seg, k_seg = inputs.resolve(mask, B, T, S)
   # Padded queries repeat the last position and segment (their rows are dropped);
   # padded keys are cut by kv_len in the tables and in the element mask.
   q_pos, k_pos = _pad_rows(q_pos, Tp, "edge"), _pad_rows(k_pos, Sp, "edge")
@@ -238,9 +243,9 @@ def _from_kernel_layout(x_BHTD, T, D):
   return x_BHTD[:, :, :T, :D].transpose(0, 2, 1, 3)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, segs, positions, **statics):
-  p = _prepare(q_BTHD, k_BSKD, v_BSKD, segs, positions, **statics)
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _attention_with_lse(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret):
+  p = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret)
   out_BHTD, lse_BHT1 = _attend(
     p.st, p.q_BHTD, p.k_BKSD, p.v_BKSD, *p.ids, p.fwd_tables, p.bwd_tables
   )
@@ -248,19 +253,19 @@ def _block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, segs, positions, **statics):
   return _from_kernel_layout(out_BHTD, T, D), lse_BHT1[:, :, :T, 0]
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _block_sparse_fwd(q_BTHD, k_BSKD, v_BSKD, segs, positions, **statics):
-  p = _prepare(q_BTHD, k_BSKD, v_BSKD, segs, positions, **statics)
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _forward_only(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret):
+  p = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret)
   out_BHTD, lse_BHT1 = _forward(p.st, p.q_BHTD, p.k_BKSD, p.v_BKSD, *p.ids, p.fwd_tables)
   T, D = q_BTHD.shape[1], q_BTHD.shape[3]
   return _from_kernel_layout(out_BHTD, T, D), lse_BHT1[:, :, :T, 0]
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _block_sparse_bwd(
-  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, dlse_BHT, segs, positions, **statics
+@functools.partial(jax.jit, static_argnums=(7, 9))
+def _backward_only(
+  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT, interpret
 ):
-  p = _prepare(q_BTHD, k_BSKD, v_BSKD, segs, positions, **statics)
+  p = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret)
   (T, D), (Tp, Dp) = (q_BTHD.shape[1], q_BTHD.shape[3]), p.q_BHTD.shape[2:]
   out_BHTD = _to_kernel_layout(out_BTHD.astype(jnp.float32), Tp, Dp)
   dout_BHTD = _to_kernel_layout(dout_BTHD, Tp, Dp)
@@ -280,12 +285,8 @@ def _block_sparse_bwd(
   )
 
 
-def _check_call(name, q_BTHD, mask, block_q, block_kv, interpret):
-  """Validates the static arguments; returns the interpret setting to run with."""
-  if not isinstance(mask, MaskSpec):
-    raise ValueError(f"mask must be a MaskSpec, got {type(mask).__name__}")
-  _check_block("block_q", block_q)
-  _check_block("block_kv", block_kv)
+def _check_interpret(name, q_BTHD, interpret):
+  """The interpret setting to run with (the block sizes are checked by `_check_blocks`)."""
   if interpret is None:
     interpret = default_interpret(q_BTHD)
   elif not interpret and not isinstance(q_BTHD, jax.core.Tracer) and default_interpret(q_BTHD):
@@ -296,98 +297,66 @@ def _check_call(name, q_BTHD, mask, block_q, block_kv, interpret):
   return interpret if isinstance(interpret, pltpu.InterpretParams) else bool(interpret)
 
 
-def block_sparse_attention(
-  q_BTHD: jax.Array,
-  k_BSKD: jax.Array,
-  v_BSKD: jax.Array,
-  *,
-  mask: MaskSpec,
-  q_segment_ids: jax.Array | None = None,
-  kv_segment_ids: jax.Array | None = None,
-  q_positions: jax.Array | None = None,
-  kv_positions: jax.Array | None = None,
-  scale: float | None = None,
-  block_q: int = 128,
-  block_kv: int = 128,
-  interpret: bool | pltpu.InterpretParams | None = None,
-) -> tuple[jax.Array, jax.Array]:
+def _check_blocks(opts: AttentionOptions) -> None:
+  _check_block("block_q", opts.block_q)
+  _check_block("block_kv", opts.block_kv)
+
+
+def attention_with_lse(q_BTHD, k_BSKD, v_BSKD, inputs, opts, *, interpret=None):
   """Block-sparse flash attention: (out_BTHD in q's dtype, lse_BHT fp32, -inf for empty rows).
 
-  Same semantics and arguments as its pure-JAX twin
-  `lcjax.attention.blockwise.blockwise_attention_with_lse` (see
-  `lcjax.attention.dot_product_attention`), differentiable in both outputs through the
-  Pallas dQ and dK/dV kernels. `block_q`/`block_kv` are multiples of 8 (powers of two
-  for the GPU lowering); they are clipped to the sequence. A head dim that is not a
-  power of two is zero-padded to one (Triton tiles must be). `interpret=None` picks
-  interpret mode when q lives on a CPU, decided at each call;
+  The twin of `lcjax.attention.blockwise.attention_with_lse` (same semantics),
+  differentiable in both outputs through the Pallas dQ and dK/dV kernels. Block sizes
+  are multiples of 8 (powers of two for the GPU lowering), clipped to the sequence; a
+  head dim that is not a power of two is zero-padded to one (Triton tiles must be).
+  `interpret=None` picks interpret mode when q lives on a CPU, decided at each call;
   `interpret=pltpu.InterpretParams(...)` runs the TPU launcher (scalar-prefetched tables
   in SMEM) in Pallas' TPU interpreter, which simulates VMEM/SMEM and checks bounds.
   """
-  interpret = _check_call("block_sparse_attention", q_BTHD, mask, block_q, block_kv, interpret)
-  statics = dict(mask=mask, scale=scale, block_q=block_q, block_kv=block_kv, interpret=interpret)
-  segs, positions = (q_segment_ids, kv_segment_ids), (q_positions, kv_positions)
-  return _block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, segs, positions, **statics)
+  _check_blocks(opts)
+  interpret = _check_interpret("block_sparse_attention", q_BTHD, interpret)
+  return _attention_with_lse(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret)
 
 
-def block_sparse_fwd(
-  q_BTHD: jax.Array,
-  k_BSKD: jax.Array,
-  v_BSKD: jax.Array,
-  *,
-  mask: MaskSpec,
-  q_segment_ids: jax.Array | None = None,
-  kv_segment_ids: jax.Array | None = None,
-  q_positions: jax.Array | None = None,
-  kv_positions: jax.Array | None = None,
-  scale: float | None = None,
-  block_q: int = 128,
-  block_kv: int = 128,
-  interpret: bool | pltpu.InterpretParams | None = None,
-) -> tuple[jax.Array, jax.Array]:
+def forward(q_BTHD, k_BSKD, v_BSKD, inputs, opts, *, interpret=None):
   """The forward kernel alone: (out_BTHD float32, lse_BHT float32); not differentiable.
 
-  The Pallas twin of `lcjax.attention.blockwise.blockwise_fwd` (FlashAttention-2,
-  Dao 2023, Alg. 1), with its signature, so ring attention can run each step through
-  the kernel (`BLOCK_IMPLS["pallas"]`): the output stays float32 so partial results
-  merge by their lse without rounding. Rows with no visible key give out 0, lse -inf.
-  Arguments are those of `block_sparse_attention`.
+  The Pallas twin of `lcjax.attention.blockwise.forward` (FlashAttention-2, Dao 2023,
+  Alg. 1), so ring attention can run each step through the kernel: the output stays
+  float32 so partial results merge by their lse without rounding. Rows with no visible
+  key give out 0, lse -inf.
   """
-  interpret = _check_call("block_sparse_fwd", q_BTHD, mask, block_q, block_kv, interpret)
-  statics = dict(mask=mask, scale=scale, block_q=block_q, block_kv=block_kv, interpret=interpret)
-  segs, positions = (q_segment_ids, kv_segment_ids), (q_positions, kv_positions)
-  return _block_sparse_fwd(q_BTHD, k_BSKD, v_BSKD, segs, positions, **statics)
+  _check_blocks(opts)
+  interpret = _check_interpret("block_sparse_fwd", q_BTHD, interpret)
+  return _forward_only(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret)
 
 
-def block_sparse_bwd(
-  q_BTHD: jax.Array,
-  k_BSKD: jax.Array,
-  v_BSKD: jax.Array,
-  out_BTHD: jax.Array,
-  lse_BHT: jax.Array,
-  dout_BTHD: jax.Array,
-  *,
-  mask: MaskSpec,
-  q_segment_ids: jax.Array | None = None,
-  kv_segment_ids: jax.Array | None = None,
-  q_positions: jax.Array | None = None,
-  kv_positions: jax.Array | None = None,
-  scale: float | None = None,
-  block_q: int = 128,
-  block_kv: int = 128,
-  dlse_BHT: jax.Array | None = None,
-  interpret: bool | pltpu.InterpretParams | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def backward(
+  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT=None, *,
+  interpret=None,
+):  # fmt: skip
   """The dQ and dK/dV kernels alone: float32 (dq_BTHD, dk_BSKD, dv_BSKD) of these keys.
 
-  The Pallas twin of `lcjax.attention.blockwise.blockwise_bwd` (FlashAttention-2,
-  Dao 2023, Alg. 2), with its signature. `out_BTHD` and `lse_BHT` may be merged over
-  more keys than k and v (ring attention passes the global ones): P = exp(S - lse) is
-  then each key's share of the full softmax, so dq is these keys' part of the full dq
-  and dk, dv are exact. `dlse_BHT` is the lse cotangent (default 0).
+  The Pallas twin of `lcjax.attention.blockwise.backward` (FlashAttention-2, Dao 2023,
+  Alg. 2). `out_BTHD` and `lse_BHT` may be merged over more keys than k and v (ring
+  attention passes the global ones): P = exp(S - lse) is then each key's share of the
+  full softmax, so dq is these keys' part of the full dq and dk, dv are exact.
+  `dlse_BHT` is the lse cotangent (default 0).
   """
-  interpret = _check_call("block_sparse_bwd", q_BTHD, mask, block_q, block_kv, interpret)
-  statics = dict(mask=mask, scale=scale, block_q=block_q, block_kv=block_kv, interpret=interpret)
-  segs, positions = (q_segment_ids, kv_segment_ids), (q_positions, kv_positions)
-  return _block_sparse_bwd(
-    q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, dlse_BHT, segs, positions, **statics
+  _check_blocks(opts)
+  interpret = _check_interpret("block_sparse_bwd", q_BTHD, interpret)
+  return _backward_only(
+    q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT, interpret
   )
+
+
+# The public keyword entry points, with `blockwise_attention_with_lse`'s signature plus
+# `interpret`; 128-blocks by default (what the kernels are tuned for).
+block_sparse_attention = attention_entry(
+  attention_with_lse, name="block_sparse_attention", block=128
+)
+block_sparse_attention.__doc__ = attention_with_lse.__doc__
+block_sparse_fwd = attention_entry(forward, name="block_sparse_fwd", block=128)
+block_sparse_fwd.__doc__ = forward.__doc__
+block_sparse_bwd = backward_entry(backward, name="block_sparse_bwd", block=128)
+block_sparse_bwd.__doc__ = backward.__doc__

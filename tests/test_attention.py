@@ -67,8 +67,8 @@ def assert_blockwise_matches_reference(q, k, v, w, tol=None, **kwargs):
   """
   tol = FP32_TOL if tol is None else tol
   out_ref, grads_ref = out_and_grads("reference", q, k, v, w, **kwargs)
-  if kwargs.get("q_positions") is None and kwargs.get("kv_positions") is None:
-    kwargs = dict(kwargs, q_positions=jnp.arange(q.shape[1]), kv_positions=jnp.arange(k.shape[1]))
+  if kwargs.get("q_index") is None and kwargs.get("kv_index") is None:
+    kwargs = dict(kwargs, q_index=jnp.arange(q.shape[1]), kv_index=jnp.arange(k.shape[1]))
   out_blk, grads_blk = out_and_grads("blockwise", q, k, v, w, **kwargs)
   assert out_blk.dtype == q.dtype and out_blk.shape == q.shape
   f32 = lambda x: np.asarray(x, np.float32)
@@ -161,7 +161,7 @@ def test_cross_attention_with_offset_positions(T, block_kv):
     v,
     w,
     mask=MaskSpec(document=True, window=24, sinks=2),
-    q_positions=q_pos,
+    q_index=q_pos,
     q_segment_ids=kv_seg[:, S - T :],
     kv_segment_ids=kv_seg,
     block_q=8,
@@ -182,7 +182,7 @@ def test_permuted_layout():
     w,
     mask=MaskSpec(document=True, anchor=True),
     q_segment_ids=seg,
-    q_positions=jnp.asarray(perm),
+    q_index=jnp.asarray(perm),
     block_q=16,
     block_kv=16,
   )
@@ -341,7 +341,7 @@ def test_impl_errors():
     dot_product_attention(q, k, v, mask=MaskSpec(), impl="reference"),
     atol=1e-5,
   )
-  with pytest.raises(ValueError, match="'reference', 'blockwise'"):
+  with pytest.raises(ValueError, match="'flash' is unknown; use one of auto, reference, blockwise"):
     dot_product_attention(q, k, v, mask=MaskSpec(), impl="flash")
   for impl in ("reference", "blockwise"):
     with pytest.raises(ValueError, match="segment_ids"):
@@ -350,6 +350,18 @@ def test_impl_errors():
     dot_product_attention(
       q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), mask=MaskSpec()
     )
+
+
+def test_deprecated_positions_spelling_warns_and_means_the_index():
+  """q_positions/kv_positions (the mask indices' old names) still work for one release."""
+  q, k, v, _ = random_qkv(15, 1, 16, 16, 2, 2, 8)
+  index = jnp.asarray(np.random.default_rng(0).permutation(16))
+  want = dot_product_attention(q, k, v, mask=MaskSpec(), impl="reference", q_index=index)
+  with pytest.warns(DeprecationWarning, match=r"q_positions=\.\.\.\) is deprecated; pass q_index"):
+    got = dot_product_attention(q, k, v, mask=MaskSpec(), impl="reference", q_positions=index)
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="both q_positions and q_index"):
+    dot_product_attention(q, k, v, mask=MaskSpec(), q_positions=index, q_index=index)
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():

@@ -219,7 +219,7 @@ def test_cross_attention_longer_kv_bf16():
     BF16_TOL,
     fn=lambda *a, **kw: block_sparse_attention(*a, interpret=True, block_q=32, block_kv=32, **kw),
     mask=MaskSpec(window=50),
-    q_positions=jnp.arange(56, 96),
+    q_index=jnp.arange(56, 96),
   )
 
 
@@ -480,7 +480,7 @@ def test_fwd_and_bwd_entry_points_match_blockwise_twins():
   np.testing.assert_allclose(lse, lse_t, **FP32_TOL)
   pos = np.arange(T)
   for part in (slice(0, half), slice(half, T)):
-    part_kw = dict(kw, kv_segment_ids=seg[:, part], kv_positions=pos[part], dlse_BHT=w_lse)
+    part_kw = dict(kw, kv_segment_ids=seg[:, part], kv_index=pos[part], dlse_BHT=w_lse)
     args = (q, k[:, part], v[:, part], out, lse, w_out)
     got = block_sparse_bwd(*args, interpret=True, **part_kw)
     want = blockwise_bwd(*args, **part_kw)

@@ -17,12 +17,19 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lcjax.attention import MaskSpec, reference_attention
+from lcjax.attention import (
+  IMPLS,
+  AttentionImpl,
+  AttentionOptions,
+  MaskInputs,
+  MaskSpec,
+  blockwise,
+  reference_attention,
+)
 from lcjax.attention.blockwise import blockwise_bwd, blockwise_fwd
 from lcjax.attention.reference import reference_attention_with_lse
 from lcjax.parallel import (
   LAYOUTS,
-  BlockImpl,
   apply_layout,
   make_mesh,
   permutation,
@@ -99,7 +106,7 @@ def check_context_parallel(mesh, mask, layouts=LAYOUTS, kv_seg_BT=None, tol=FP32
         mask=mask,
         q_segment_ids=q_seg,
         kv_segment_ids=kv_seg,
-        q_positions=q_pos,
+        q_index=q_pos,
         mesh=mesh,
         **kwargs,
       )
@@ -211,7 +218,7 @@ def test_empty_chunk_pairs_are_skipped():
   for layout in ("contiguous", "zigzag", "striped"):
     perm = permutation(T, W, layout)
     stats = ring_attention_stats(
-      q, k, v, mask=MaskSpec(), q_positions=perm, mesh=mesh, block_q=5, block_kv=5
+      q, k, v, mask=MaskSpec(), q_index=perm, mesh=mesh, block_q=5, block_kv=5
     )
     chunk_pairs, block_pairs = (np.asarray(stats[key][0]) for key in ("chunk_pairs", "block_pairs"))
     np.testing.assert_array_equal(block_pairs, ring_work(T, W, layout, 5).sum(0), err_msg=layout)
@@ -234,15 +241,18 @@ def test_causal_work_imbalance(W):
   assert work_imbalance(T_long, W, "contiguous", block, mask=MaskSpec(causal=False)) == 1.0
 
 
-def test_blockwise_fwd_bwd_against_global_lse():
-  """The per-step routines: keys split in two, fwd parts merged by lse equal the full
-  attention, and bwd against the full out/lse gives the parts of the full gradient."""
+@pytest.mark.parametrize("name", ["blockwise", "reference"])
+def test_step_routines_against_global_lse(name):
+  """A registered impl's per-step routines: keys split in two, forward parts merged by
+  lse equal the full attention, and the backward against the full out/lse gives the
+  parts of the full gradient (the reference's is FA-2's backward written densely)."""
   q, k, v, w = random_inputs(4)
   mask = MaskSpec(causal=True, document=True, window=40)
   kw = dict(mask=mask, q_segment_ids=SEG_BT, kv_segment_ids=SEG_BT)
   out_ref, lse_ref = reference_attention_with_lse(q, k, v, **kw)
   _, (dq_ref, dk_ref, dv_ref) = reference_out_and_grads(q, k, v, w, mask, SEG_BT)
-  out, lse = blockwise_fwd(q, k, v, **kw, **BLOCKS)
+  impl, opts = IMPLS[name], AttentionOptions(mask, **BLOCKS)
+  out, lse = impl.forward(q, k, v, MaskInputs(q_segment_ids=SEG_BT, kv_segment_ids=SEG_BT), opts)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, out_ref, **FP32_TOL)
   np.testing.assert_allclose(lse, lse_ref, **FP32_TOL)
@@ -250,40 +260,51 @@ def test_blockwise_fwd_bwd_against_global_lse():
   pos = np.arange(T)
   dq = jnp.zeros_like(q)
   for part in (slice(0, half), slice(half, T)):
-    dq_p, dk_p, dv_p = blockwise_bwd(
-      q,
-      k[:, part],
-      v[:, part],
-      out,
-      lse,
-      w,
-      mask=mask,
-      q_segment_ids=SEG_BT,
-      kv_segment_ids=SEG_BT[:, part],
-      kv_positions=pos[part],
-      **BLOCKS,
-    )
+    inputs = MaskInputs(None, pos[part], SEG_BT, SEG_BT[:, part])
+    dq_p, dk_p, dv_p = impl.backward(q, k[:, part], v[:, part], out, lse, w, inputs, opts)
     dq = dq + dq_p
     np.testing.assert_allclose(dk_p, dk_ref[:, part], **FP32_TOL)
     np.testing.assert_allclose(dv_p, dv_ref[:, part], **FP32_TOL)
   np.testing.assert_allclose(dq, dq_ref, **FP32_TOL)
 
 
+def test_keyword_step_entry_points_match_the_registry():
+  """`blockwise_fwd`/`blockwise_bwd` (the keyword signature) are the registry's routines."""
+  q, k, v, w = random_inputs(5)
+  kw = dict(mask=MaskSpec(document=True), q_segment_ids=SEG_BT, **BLOCKS)
+  out, lse = blockwise_fwd(q, k, v, **kw)
+  grads = blockwise_bwd(q, k, v, out, lse, w, **kw)
+  opts = AttentionOptions(kw["mask"], **BLOCKS)
+  inputs = MaskInputs(q_segment_ids=SEG_BT)
+  want_out, want_lse = IMPLS["blockwise"].forward(q, k, v, inputs, opts)
+  want = IMPLS["blockwise"].backward(q, k, v, want_out, want_lse, w, inputs, opts)
+  for got_x, want_x in zip((out, lse, *grads), (want_out, want_lse, *want), strict=True):
+    np.testing.assert_array_equal(got_x, want_x)
+
+
 def test_pluggable_block_impl():
-  """A `BlockImpl` replaces the per-step routine (how the Pallas kernels plug in)."""
+  """An `AttentionImpl` replaces the per-step routine (how the Pallas kernels plug in)."""
   calls = []
 
-  def fwd(*args, **kwargs):
+  def forward(*args):
     calls.append("fwd")
-    return blockwise_fwd(*args, **kwargs)
+    return blockwise.forward(*args)
 
-  def bwd(*args, **kwargs):
+  def backward(*args):
     calls.append("bwd")
-    return blockwise_bwd(*args, **kwargs)
+    return blockwise.backward(*args)
 
+  impl = AttentionImpl(blockwise.attention_with_lse, forward, backward)
   mesh = make_mesh(dict(data=-1, context=2))
-  check_context_parallel(mesh, MaskSpec(), layouts=("striped",), block_impl=BlockImpl(fwd, bwd))
+  check_context_parallel(mesh, MaskSpec(), layouts=("striped",), block_impl=impl)
   assert "fwd" in calls and "bwd" in calls
+
+
+def test_reference_block_impl_matches_reference():
+  """block_impl="reference": each ring step materializes its chunk pair's scores."""
+  mesh = make_mesh(dict(data=-1, context=4))
+  check_context_parallel(mesh, MaskSpec(causal=True, document=True), layouts=("zigzag",),
+                         block_impl="reference")  # fmt: skip
 
 
 def test_pallas_block_impl_matches_reference():

@@ -9,12 +9,20 @@ only the inputs are rounded and the outputs agree to the output dtype's rounding
 rtol 2^-7 (8 significant bits) plus a small atol.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcjax.attention import MaskSpec, dot_product_attention, reference_attention_with_lse
+from lcjax.attention import (
+  AttentionOptions,
+  MaskInputs,
+  MaskSpec,
+  dot_product_attention,
+  reference_attention_with_lse,
+)
 from lcjax.attention import unrolled as unrolled_mod
 from lcjax.attention.unrolled import static_schedule, unrolled_attention_with_lse
 
@@ -83,9 +91,8 @@ def test_unrolled_matches_reference(name):
   assert schedule is not None
 
   def unrolled(q, k, v):
-    return unrolled_attention_with_lse(
-      q, k, v, mask=mask, schedule=schedule, block_q=block, block_kv=block, q_segment_ids=seg
-    )
+    opts = AttentionOptions(mask, block_q=block, block_kv=block)
+    return unrolled_attention_with_lse(q, k, v, MaskInputs(q_segment_ids=seg), opts, schedule)
 
   def reference(q, k, v):
     return reference_attention_with_lse(q, k, v, mask=mask, q_segment_ids=seg)
@@ -102,8 +109,9 @@ def test_unrolled_bfloat16_matches_reference():
   q, k, v, w_out, w_lse = _qkv(7, 2, T, 4, 2, 16, jnp.bfloat16)
   seg = _segments(2, T, seed=7)
   schedule = static_schedule(mask, T, T, block, block, 2)
+  opts = AttentionOptions(mask, block_q=block, block_kv=block)
   unrolled = lambda q, k, v: unrolled_attention_with_lse(  # noqa: E731
-    q, k, v, mask=mask, schedule=schedule, block_q=block, block_kv=block, q_segment_ids=seg
+    q, k, v, MaskInputs(q_segment_ids=seg), opts, schedule
   )
   reference = lambda q, k, v: reference_attention_with_lse(  # noqa: E731
     q, k, v, mask=mask, q_segment_ids=seg
@@ -122,17 +130,9 @@ def test_row_with_no_visible_key_outputs_zero_with_zero_gradients():
   kv_seg = jnp.asarray([[1] * 20 + [2] * 20], jnp.int32)
   q, k, v, w_out, w_lse = _qkv(3, 1, T, 2, 2, 8)
   schedule = static_schedule(mask, T, T, 16, 16, 2)
-  fn = lambda q, k, v: unrolled_attention_with_lse(  # noqa: E731
-    q,
-    k,
-    v,
-    mask=mask,
-    schedule=schedule,
-    block_q=16,
-    block_kv=16,
-    q_segment_ids=q_seg,
-    kv_segment_ids=kv_seg,
-  )
+  inputs = MaskInputs(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+  opts = AttentionOptions(mask, block_q=16, block_kv=16)
+  fn = lambda q, k, v: unrolled_attention_with_lse(q, k, v, inputs, opts, schedule)  # noqa: E731
   out, lse, (dq, _, _) = _value_and_grads(fn, q, k, v, w_out, w_lse)
   np.testing.assert_array_equal(out[0, 20:], 0.0)
   assert np.all(lse[0, :, 20:] == -np.inf)
@@ -175,12 +175,12 @@ def test_schedule_visits_exactly_the_nonempty_blocks(mask):
     assert sum(masked for row in schedule for _, masked in row) == n
 
 
-def test_schedule_gives_up_beyond_the_unroll_limit(monkeypatch):
+def test_schedule_gives_up_beyond_the_unroll_limit():
   assert len(sum(static_schedule(MaskSpec(), 1024, 1024, 64, 64, 1), ())) == 136
   assert static_schedule(MaskSpec(), 2048, 2048, 64, 64, 1) is None  # 528 pairs
-  monkeypatch.setattr(unrolled_mod, "MAX_UNROLLED_PAIRS", 20)
-  assert static_schedule(MaskSpec(), 512, 512, 64, 64, 1) is None  # 36 pairs
-  assert static_schedule(MaskSpec(window=64), 512, 512, 64, 64, 1) is not None  # 15 pairs
+  assert static_schedule(MaskSpec(), 512, 512, 64, 64, 1, max_pairs=20) is None  # 36 pairs
+  window = static_schedule(MaskSpec(window=64), 512, 512, 64, 64, 1, max_pairs=20)
+  assert window is not None  # 15 pairs
 
 
 def test_schedule_rejects_bad_blocks():
@@ -190,37 +190,38 @@ def test_schedule_rejects_bad_blocks():
     static_schedule("causal", 64, 64, 16, 16, 1)
 
 
-def test_dispatch_runs_unrolled_for_default_positions_and_the_loop_otherwise(monkeypatch):
-  """impl='blockwise' takes the unrolled path when positions are default, the loop
-  when they are given (context-parallel layouts), and both match the reference."""
-  calls = []
-  real = unrolled_mod.unrolled_attention_with_lse
+def _runs_a_loop(fn, *args) -> bool:
+  """Whether fn's jaxpr holds a loop (the runtime block-map `fori_loop`, a scan or while
+  in the jaxpr); the unrolled schedule is straight-line code."""
+  return re.search(r"\b(scan|while)\[", str(jax.make_jaxpr(fn)(*args))) is not None
 
-  def spy(*args, **kwargs):
-    calls.append(kwargs["schedule"])
-    return real(*args, **kwargs)
 
-  import lcjax.attention as attention
-
-  monkeypatch.setattr(attention, "unrolled_attention_with_lse", spy)
+def test_dispatch_runs_unrolled_for_default_indices_and_the_loop_otherwise():
+  """impl='blockwise' takes the unrolled path when the mask indices are default, the
+  loop when they are given (context-parallel layouts) or the score blocks exceed the
+  budget, and every path matches the reference."""
   q, k, v, _, _ = _qkv(11, 1, 64, 2, 2, 8)
   mask = MaskSpec()
   want = reference_attention_with_lse(q, k, v, mask=mask)[0]
-  got = dot_product_attention(q, k, v, mask=mask, impl="blockwise", block_q=16, block_kv=16)
-  assert len(calls) == 1 and sum(len(r) for r in calls[0]) == 10
-  np.testing.assert_allclose(got, want, **FP32_TOL)
-  pos = jnp.arange(64)
-  looped = dot_product_attention(
-    q, k, v, mask=mask, impl="blockwise", block_q=16, block_kv=16, q_positions=pos
+  blocks = dict(block_q=16, block_kv=16)
+  default = lambda q: dot_product_attention(q, k, v, mask=mask, impl="blockwise", **blocks)  # noqa: E731
+  assert not _runs_a_loop(default, q)
+  np.testing.assert_allclose(default(q), want, **FP32_TOL)
+  index = jnp.arange(64)
+  given = lambda q: dot_product_attention(  # noqa: E731
+    q, k, v, mask=mask, impl="blockwise", q_index=index, **blocks
   )
-  assert len(calls) == 1
-  np.testing.assert_allclose(looped, want, **FP32_TOL)
+  assert _runs_a_loop(given, q)
+  np.testing.assert_allclose(given(q), want, **FP32_TOL)
   # Score blocks over the memory budget (10 pairs x 2 heads x 16 x 16 x 4 bytes = 20 KiB
   # here) also take the loop.
-  monkeypatch.setattr(unrolled_mod, "MAX_UNROLLED_SCORE_BYTES", 20 * 1024 - 1)
-  over = dot_product_attention(q, k, v, mask=mask, impl="blockwise", block_q=16, block_kv=16)
-  assert len(calls) == 1
-  np.testing.assert_allclose(over, want, **FP32_TOL)
+  opts = AttentionOptions(mask, **blocks)
+  over = lambda q, budget: unrolled_mod.attention_with_lse(  # noqa: E731
+    q, k, v, MaskInputs(), opts, max_score_bytes=budget
+  )[0]
+  assert not _runs_a_loop(lambda q: over(q, 20 * 1024), q)
+  assert _runs_a_loop(lambda q: over(q, 20 * 1024 - 1), q)
+  np.testing.assert_allclose(over(q, 20 * 1024 - 1), want, **FP32_TOL)
 
 
 def test_fits_unrolled_counts_every_visited_score_block():
@@ -229,4 +230,5 @@ def test_fits_unrolled_counts_every_visited_score_block():
   per_pair = budget // 10 // (16 * 16 * 4)  # batch x heads that just fit
   assert unrolled_mod.fits_unrolled(schedule, per_pair, 1, 16, 16)
   assert not unrolled_mod.fits_unrolled(schedule, per_pair + 1, 1, 16, 16)
+  assert not unrolled_mod.fits_unrolled(schedule, 1, 1, 16, 16, max_score_bytes=10 * 1024 - 1)
   assert not unrolled_mod.fits_unrolled(None, 1, 1, 16, 16)

@@ -38,23 +38,34 @@ gradients are 0.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcjax.attention.masks import EMPTY, FULL, MaskSpec, resolve_mask_inputs
-from lcjax.attention.reference import check_qkv
+from lcjax.attention.inputs import (
+  AttentionOptions,
+  MaskInputs,
+  attention_entry,
+  backward_entry,
+  check_qkv,
+)
+from lcjax.attention.masks import EMPTY, FULL, MaskSpec
 
 __all__ = [
-  "blockwise_attention",
-  "blockwise_attention_with_lse",
-  "blockwise_attention_stats",
-  "blockwise_fwd",
-  "blockwise_bwd",
+  "attention_with_lse",
+  "backward",
   "block_kinds",
+  "blockwise_attention",
+  "blockwise_attention_stats",
+  "blockwise_attention_with_lse",
+  "blockwise_bwd",
+  "blockwise_fwd",
+  "forward",
+  "online_softmax_result",
+  "online_softmax_step",
+  "stats",
   "visited_block_pairs",
 ]
 
@@ -317,34 +328,15 @@ def _flash_bwd(st, res, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _prepare(
-  q_BTHD,
-  k_BSKD,
-  v_BSKD,
-  mask,
-  q_segment_ids,
-  kv_segment_ids,
-  q_positions,
-  kv_positions,
-  scale,
-  block_q,
-  block_kv,
-):
-  """Validates, fills defaults, pads T and S to block multiples and builds the block kinds."""
-  if not isinstance(mask, MaskSpec):
-    raise ValueError(f"mask must be a MaskSpec, got {type(mask).__name__}")
-  for name, size in (("block_q", block_q), ("block_kv", block_kv)):
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-      raise ValueError(f"{name} must be a positive integer, got {size!r}")
+def _prepare(q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs, opts: AttentionOptions):
+  """Fills defaults, pads T and S to block multiples and builds the block kinds."""
   G = check_qkv(q_BTHD, k_BSKD, v_BSKD)
   B, T, _, D = q_BTHD.shape
   S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
-  scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-  bq, bk = min(block_q, T), min(block_kv, S)
+  mask = opts.mask
+  bq, bk = min(opts.block_q, T), min(opts.block_kv, S)
   Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
-  q_pos, k_pos, q_seg, k_seg = resolve_mask_inputs(
-    mask, B, T, S, q_positions, kv_positions, q_segment_ids, kv_segment_ids
-  )
+  q_pos, k_pos, q_seg, k_seg = inputs.resolve(mask, B, T, S)
 
   def pad(x, n, mode="constant"):
     return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2), mode=mode)
@@ -357,7 +349,7 @@ def _prepare(
   block_map_BQK = mask.block_map(  # [B, Hkv, nQ, nK] for a per-head mask
     q_pos, k_pos, q_seg, k_seg, block_q=bq, block_kv=bk, kv_valid=valid_BS, num_kv_heads=Hkv
   )
-  st = _Static(mask, scale, bq, bk)
+  st = _Static(mask, opts.score_scale(D), bq, bk)
   # Kernel layouts: kv head first, so each block product is a plain batched matmul.
   q_BKTGD = pad(q_BTHD, Tp).reshape(B, Tp, Hkv, G, D).transpose(0, 2, 1, 3, 4)
   k_BKSD, v_BKSD = (pad(x, Sp).transpose(0, 2, 1, 3) for x in (k_BSKD, v_BSKD))
@@ -365,179 +357,66 @@ def _prepare(
   return st, args
 
 
-_STATIC = ("mask", "scale", "block_q", "block_kv")
+def _to_rows(out_BKTGD, lse_BKTG, T):
+  """Kernel layout back to (out_BTHD, lse_BHT), padding dropped."""
+  B, K, _, G, D = out_BKTGD.shape
+  out_BTHD = out_BKTGD[:, :, :T].transpose(0, 2, 1, 3, 4).reshape(B, T, K * G, D)
+  lse_BHT = lse_BKTG[:, :, :T].transpose(0, 1, 3, 2).reshape(B, K * G, T)
+  return out_BTHD, lse_BHT
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def blockwise_attention_with_lse(
-  q_BTHD: jax.Array,
-  k_BSKD: jax.Array,
-  v_BSKD: jax.Array,
-  *,
-  mask: MaskSpec,
-  q_segment_ids: jax.Array | None = None,
-  kv_segment_ids: jax.Array | None = None,
-  q_positions: jax.Array | None = None,
-  kv_positions: jax.Array | None = None,
-  scale: float | None = None,
-  block_q: int = 512,
-  block_kv: int = 512,
-) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(4,))
+def attention_with_lse(q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs, opts: AttentionOptions):
   """Flash attention: (out_BTHD in q's dtype, lse_BHT fp32, -inf for rows with no key).
 
   Differentiable in both outputs (a custom VJP, FlashAttention-2 Alg. 2), so partial
   results over disjoint key sets can be merged by their lse (ring attention) and
-  trained through. Arguments are those of `lcjax.attention.dot_product_attention`.
+  trained through.
   """
-  B, T, Hq, D = q_BTHD.shape
-  st, args = _prepare(
-    q_BTHD,
-    k_BSKD,
-    v_BSKD,
-    mask,
-    q_segment_ids,
-    kv_segment_ids,
-    q_positions,
-    kv_positions,
-    scale,
-    block_q,
-    block_kv,
-  )
-  out_BKTGD, lse_BKTG = _flash(st, *args)
-  out_BTHD = out_BKTGD[:, :, :T].transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
-  lse_BHT = lse_BKTG[:, :, :T].transpose(0, 1, 3, 2).reshape(B, Hq, T)
-  return out_BTHD, lse_BHT
+  st, args = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts)
+  return _to_rows(*_flash(st, *args), q_BTHD.shape[1])
 
 
-def blockwise_attention(q_BTHD, k_BSKD, v_BSKD, **kwargs) -> jax.Array:
-  """`blockwise_attention_with_lse` without the lse: out_BTHD in q's dtype."""
-  return blockwise_attention_with_lse(q_BTHD, k_BSKD, v_BSKD, **kwargs)[0]
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def blockwise_attention_stats(
-  q_BTHD: jax.Array,
-  k_BSKD: jax.Array,
-  v_BSKD: jax.Array,
-  *,
-  mask: MaskSpec,
-  q_segment_ids: jax.Array | None = None,
-  kv_segment_ids: jax.Array | None = None,
-  q_positions: jax.Array | None = None,
-  kv_positions: jax.Array | None = None,
-  scale: float | None = None,
-  block_q: int = 512,
-  block_kv: int = 512,
-) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(4,))
+def stats(q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs, opts: AttentionOptions):
   """Work done by the forward loop: {"visited": pairs it computed (counted inside the
-  loop's compute branches), "total": nQ·nK}. Takes `blockwise_attention`'s arguments."""
-  st, args = _prepare(
-    q_BTHD,
-    k_BSKD,
-    v_BSKD,
-    mask,
-    q_segment_ids,
-    kv_segment_ids,
-    q_positions,
-    kv_positions,
-    scale,
-    block_q,
-    block_kv,
-  )
+  loop's compute branches), "total": nQ·nK}."""
+  st, args = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts)
   _, _, visits = _forward(st, *args)
   return {"visited": visits, "total": jnp.int32(args[-1].size)}
 
 
 # The forward and backward passes as separate functions, for callers that merge partial
 # results themselves and need the backward against the merged output and lse: ring
-# attention (Liu et al. 2023) runs `blockwise_fwd` per ring step, merges by lse, and in
-# its backward runs `blockwise_bwd` per step with the global out and lse.
+# attention (Liu et al. 2023) runs `forward` per ring step, merges by lse, and in its
+# backward runs `backward` per step with the global out and lse.
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def blockwise_fwd(
-  q_BTHD: jax.Array,
-  k_BSKD: jax.Array,
-  v_BSKD: jax.Array,
-  *,
-  mask: MaskSpec,
-  q_segment_ids: jax.Array | None = None,
-  kv_segment_ids: jax.Array | None = None,
-  q_positions: jax.Array | None = None,
-  kv_positions: jax.Array | None = None,
-  scale: float | None = None,
-  block_q: int = 512,
-  block_kv: int = 512,
-) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(4,))
+def forward(q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs, opts: AttentionOptions):
   """FlashAttention-2 Alg. 1 alone: (out_BTHD float32, lse_BHT float32); not differentiable.
 
   Rows with no visible key give out 0 and lse -inf. The output stays float32 so that
-  partial results can be merged by their lse without rounding. Arguments are those of
-  `blockwise_attention_with_lse`; differentiate through `blockwise_bwd`.
+  partial results can be merged by their lse without rounding.
   """
-  B, T, Hq, D = q_BTHD.shape
-  st, args = _prepare(
-    q_BTHD,
-    k_BSKD,
-    v_BSKD,
-    mask,
-    q_segment_ids,
-    kv_segment_ids,
-    q_positions,
-    kv_positions,
-    scale,
-    block_q,
-    block_kv,
-  )
+  st, args = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts)
   out_BKTGD, lse_BKTG, _ = _forward(st, *args)
-  out_BTHD = out_BKTGD[:, :, :T].transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
-  lse_BHT = lse_BKTG[:, :, :T].transpose(0, 1, 3, 2).reshape(B, Hq, T)
-  return out_BTHD, lse_BHT
+  return _to_rows(out_BKTGD, lse_BKTG, q_BTHD.shape[1])
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def blockwise_bwd(
-  q_BTHD: jax.Array,
-  k_BSKD: jax.Array,
-  v_BSKD: jax.Array,
-  out_BTHD: jax.Array,
-  lse_BHT: jax.Array,
-  dout_BTHD: jax.Array,
-  *,
-  mask: MaskSpec,
-  q_segment_ids: jax.Array | None = None,
-  kv_segment_ids: jax.Array | None = None,
-  q_positions: jax.Array | None = None,
-  kv_positions: jax.Array | None = None,
-  scale: float | None = None,
-  block_q: int = 512,
-  block_kv: int = 512,
-  dlse_BHT: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(7,))
+def backward(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT=None):
   """FlashAttention-2 Alg. 2 alone: float32 (dq_BTHD, dk_BSKD, dv_BSKD) of these keys.
 
   `out_BTHD` and `lse_BHT` are the attention output and log-sum-exp of each query row,
   which may cover more keys than k and v (ring attention passes the merged, global
   ones): P = exp(S - lse) is then each key's share of the full softmax, so the returned
   dq is this key set's part of the full dq, and dk, dv are exact for these keys.
-  `dlse_BHT` is the lse cotangent (default 0). Other arguments are those of
-  `blockwise_attention_with_lse`.
+  `dlse_BHT` is the lse cotangent (default 0).
   """
   B, T, Hq, D = q_BTHD.shape
   S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
-  st, args = _prepare(
-    q_BTHD,
-    k_BSKD,
-    v_BSKD,
-    mask,
-    q_segment_ids,
-    kv_segment_ids,
-    q_positions,
-    kv_positions,
-    scale,
-    block_q,
-    block_kv,
-  )
+  st, args = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts)
   Tp = args[0].shape[2]
   G = Hq // Hkv
 
@@ -560,3 +439,21 @@ def blockwise_bwd(
   dk_BSKD = dk_BKSD[:, :, :S].transpose(0, 2, 1, 3)
   dv_BSKD = dv_BKSD[:, :, :S].transpose(0, 2, 1, 3)
   return dq_BTHD, dk_BSKD, dv_BSKD
+
+
+# The public keyword entry points (the signature of `lcjax.attention.dot_product_attention`).
+blockwise_attention_with_lse = attention_entry(
+  attention_with_lse, name="blockwise_attention_with_lse"
+)
+blockwise_attention_with_lse.__doc__ = attention_with_lse.__doc__
+blockwise_attention_stats = attention_entry(stats, name="blockwise_attention_stats")
+blockwise_attention_stats.__doc__ = stats.__doc__
+blockwise_fwd = attention_entry(forward, name="blockwise_fwd")
+blockwise_fwd.__doc__ = forward.__doc__
+blockwise_bwd = backward_entry(backward, name="blockwise_bwd")
+blockwise_bwd.__doc__ = backward.__doc__
+
+
+def blockwise_attention(q_BTHD, k_BSKD, v_BSKD, **kwargs) -> jax.Array:
+  """`blockwise_attention_with_lse` without the lse: out_BTHD in q's dtype."""
+  return blockwise_attention_with_lse(q_BTHD, k_BSKD, v_BSKD, **kwargs)[0]

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["MaskSpec", "EMPTY", "PARTIAL", "FULL", "resolve_mask_inputs"]
+__all__ = ["MaskSpec", "EMPTY", "PARTIAL", "FULL"]
 
 # Values of `MaskSpec.block_map`.
 EMPTY = 0  # no (query, key) pair of the block is allowed: the block can be skipped.
@@ -184,7 +184,7 @@ class MaskSpec:
       raise ValueError(f"{where}: num_kv_heads must be a positive integer, got {num_kv_heads!r}")
     return heads
 
-  def _segments(self, q_segment_ids, kv_segment_ids):
+  def segments(self, q_segment_ids, kv_segment_ids):
     """The segment ids the mask needs: None unless `document`, then both are required."""
     if not self.document:
       return None, None
@@ -242,8 +242,8 @@ class MaskSpec:
 
   def dense(
     self,
-    q_positions_BT: jax.Array,
-    kv_positions_BS: jax.Array,
+    q_index_BT: jax.Array,
+    kv_index_BS: jax.Array,
     q_segment_ids_BT: jax.Array | None = None,
     kv_segment_ids_BS: jax.Array | None = None,
     *,
@@ -255,9 +255,9 @@ class MaskSpec:
     which requires `num_kv_heads`.
     """
     num_kv_heads = self._check_heads("dense", num_kv_heads)
-    q_pos = jnp.asarray(q_positions_BT, jnp.int32)
-    k_pos = jnp.asarray(kv_positions_BS, jnp.int32)
-    q_seg, k_seg = self._segments(q_segment_ids_BT, kv_segment_ids_BS)
+    q_pos = jnp.asarray(q_index_BT, jnp.int32)
+    k_pos = jnp.asarray(kv_index_BS, jnp.int32)
+    q_seg, k_seg = self.segments(q_segment_ids_BT, kv_segment_ids_BS)
     kv_head = None
     if self.per_head:  # a kv-head axis between batch and rows
       q_pos, k_pos = q_pos[:, None], k_pos[:, None]
@@ -276,8 +276,8 @@ class MaskSpec:
 
   def block_map(
     self,
-    q_positions: jax.Array,
-    kv_positions: jax.Array,
+    q_index: jax.Array,
+    kv_index: jax.Array,
     q_segment_ids: jax.Array | None,
     kv_segment_ids: jax.Array | None,
     *,
@@ -305,9 +305,9 @@ class MaskSpec:
     Padded query rows are ignored (their outputs are dropped).
     """
     num_kv_heads = self._check_heads("block_map", num_kv_heads)
-    q_pos_BT = jnp.asarray(q_positions, jnp.int32)
-    k_pos_BS = jnp.asarray(kv_positions, jnp.int32)
-    q_seg_BT, k_seg_BS = self._segments(q_segment_ids, kv_segment_ids)
+    q_pos_BT = jnp.asarray(q_index, jnp.int32)
+    k_pos_BS = jnp.asarray(kv_index, jnp.int32)
+    q_seg_BT, k_seg_BS = self.segments(q_segment_ids, kv_segment_ids)
     B, T = q_pos_BT.shape
     S = k_pos_BS.shape[1]
     nQ, nK = -(-T // block_q), -(-S // block_kv)
@@ -396,43 +396,3 @@ class MaskSpec:
     kinds = jnp.where(some, jnp.where(every, FULL, PARTIAL), EMPTY).astype(jnp.int8)
     kinds_BHQK = jnp.broadcast_to(kinds, (B, num_kv_heads or 1, nQ, nK))
     return kinds_BHQK if self.per_head else kinds_BHQK[:, 0]
-
-
-def resolve_mask_inputs(
-  mask: MaskSpec,
-  batch: int,
-  q_len: int,
-  kv_len: int,
-  q_positions=None,
-  kv_positions=None,
-  q_segment_ids=None,
-  kv_segment_ids=None,
-):
-  """Fills the attention defaults; returns int32 (q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS).
-
-  Positions default to arange. For self-attention (q_len == kv_len) a missing kv
-  array defaults to its query twin, so callers of a permuted layout pass each once.
-  Segment ids come back as None unless `mask.document`, which requires them.
-  """
-  self_attention = q_len == kv_len
-  if kv_positions is None and q_positions is not None and self_attention:
-    kv_positions = q_positions
-  if kv_segment_ids is None and self_attention:
-    kv_segment_ids = q_segment_ids
-
-  def as_rows(x, length, name):
-    if x is None:
-      x = jnp.arange(length, dtype=jnp.int32)
-    x = jnp.asarray(x, jnp.int32)
-    bad_batch = x.ndim == 2 and x.shape[0] not in (1, batch)
-    if x.ndim not in (1, 2) or x.shape[-1] != length or bad_batch:
-      raise ValueError(f"{name} has shape {x.shape}; expected [{batch}, {length}] or [{length}]")
-    return jnp.broadcast_to(x, (batch, length))
-
-  q_pos_BT = as_rows(q_positions, q_len, "q_positions")
-  k_pos_BS = as_rows(kv_positions, kv_len, "kv_positions")
-  q_seg_BT, k_seg_BS = mask._segments(q_segment_ids, kv_segment_ids)
-  if q_seg_BT is not None:
-    q_seg_BT = as_rows(q_seg_BT, q_len, "q_segment_ids")
-    k_seg_BS = as_rows(k_seg_BS, kv_len, "kv_segment_ids")
-  return q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS

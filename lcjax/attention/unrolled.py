@@ -30,21 +30,22 @@ zero gradients) are those of `blockwise.py`, which the tests compare against.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax.attention import blockwise
 from lcjax.attention.blockwise import online_softmax_result, online_softmax_step
-from lcjax.attention.masks import MaskSpec, resolve_mask_inputs
-from lcjax.attention.reference import check_qkv
+from lcjax.attention.inputs import AttentionOptions, MaskInputs, check_qkv
+from lcjax.attention.masks import MaskSpec
 
 __all__ = [
   "MAX_UNROLLED_PAIRS",
   "MAX_UNROLLED_SCORE_BYTES",
   "fits_unrolled",
+  "attention_with_lse",
   "static_schedule",
   "unrolled_attention_with_lse",
 ]
@@ -60,12 +61,20 @@ MAX_UNROLLED_PAIRS = 160
 MAX_UNROLLED_SCORE_BYTES = 128 * 2**20
 
 
-def fits_unrolled(schedule, batch: int, num_heads: int, block_q: int, block_kv: int) -> bool:
-  """Whether a schedule's score blocks fit `MAX_UNROLLED_SCORE_BYTES` (see above)."""
+def fits_unrolled(
+  schedule,
+  batch: int,
+  num_heads: int,
+  block_q: int,
+  block_kv: int,
+  *,
+  max_score_bytes: int = MAX_UNROLLED_SCORE_BYTES,
+) -> bool:
+  """Whether a schedule's float32 score blocks fit `max_score_bytes` in all (see above)."""
   if schedule is None:
     return False
   pairs = sum(len(row) for row in schedule)
-  return pairs * batch * num_heads * block_q * block_kv * 4 <= MAX_UNROLLED_SCORE_BYTES
+  return pairs * batch * num_heads * block_q * block_kv * 4 <= max_score_bytes
 
 
 class _Static(NamedTuple):
@@ -100,13 +109,20 @@ def _static_allowed(mask: MaskSpec, q_pos, k_pos, kv_len: int, num_kv_heads: int
 
 
 def static_schedule(
-  mask: MaskSpec, q_len: int, kv_len: int, block_q: int, block_kv: int, num_kv_heads: int
+  mask: MaskSpec,
+  q_len: int,
+  kv_len: int,
+  block_q: int,
+  block_kv: int,
+  num_kv_heads: int,
+  *,
+  max_pairs: int = MAX_UNROLLED_PAIRS,
 ) -> tuple[tuple[tuple[int, bool], ...], ...] | None:
   """Per q block, the kv blocks to visit and whether each needs the element mask.
 
   For default (arange) positions. A pair is visited iff the positional mask allows some
   pair of it, and computed without the element mask iff it allows all of them and the
-  mask has no document part. Returns None when more than `MAX_UNROLLED_PAIRS` pairs
+  mask has no document part. Returns None when more than `max_pairs` pairs
   would be visited (or the block grid is too large to be worth classifying). Costs
   O(block_q · S) numpy work per q block at trace time.
   """
@@ -116,7 +132,7 @@ def static_schedule(
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
       raise ValueError(f"{name} must be a positive integer, got {size!r}")
   nQ, nK = -(-q_len // block_q), -(-kv_len // block_kv)
-  if nQ * nK > 4 * MAX_UNROLLED_PAIRS:
+  if nQ * nK > 4 * max_pairs:
     return None
   k_pos = np.arange(nK * block_kv)
   schedule, visited = [], 0
@@ -127,7 +143,7 @@ def static_schedule(
     some_K, every_K = blocks.any(axis=(0, 1, 3)), blocks.all(axis=(0, 1, 3))
     row = tuple((j, bool(mask.document or not every_K[j])) for j in range(nK) if some_K[j])
     visited += len(row)
-    if visited > MAX_UNROLLED_PAIRS:
+    if visited > max_pairs:
       return None
     schedule.append(row)
   return tuple(schedule)
@@ -257,37 +273,62 @@ def unrolled_attention_with_lse(
   q_BTHD: jax.Array,
   k_BSKD: jax.Array,
   v_BSKD: jax.Array,
-  *,
-  mask: MaskSpec,
+  inputs: MaskInputs,
+  opts: AttentionOptions,
   schedule: tuple[tuple[tuple[int, bool], ...], ...],
-  block_q: int,
-  block_kv: int,
-  q_segment_ids: jax.Array | None = None,
-  kv_segment_ids: jax.Array | None = None,
-  scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """(out_BTHD in q's dtype, lse_BHT fp32) for default positions, over `schedule`.
+  """(out_BTHD in q's dtype, lse_BHT fp32) for rows in order, over `schedule`.
 
-  `schedule` is `static_schedule(mask, T, S, block_q, block_kv, Hkv)` for these block
-  sizes (already clipped to T and S). Differentiable in both outputs (custom VJP).
-  Arguments otherwise as `lcjax.attention.dot_product_attention`.
+  `schedule` is `static_schedule(opts.mask, T, S, block_q, block_kv, Hkv)` for the block
+  sizes of `opts`, which must already be clipped to T and S. Only the segment ids of
+  `inputs` are read: the indices are arange by assumption. Differentiable in both
+  outputs (custom VJP).
   """
+  if not inputs.in_order:
+    raise ValueError("unrolled attention needs rows in order: q_index and kv_index must be None")
   G = check_qkv(q_BTHD, k_BSKD, v_BSKD)
   B, T, Hq, D = q_BTHD.shape
   S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
-  scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+  block_q, block_kv = opts.block_q, opts.block_kv
   Tp, Sp = -(-T // block_q) * block_q, -(-S // block_kv) * block_kv
-  _, _, q_seg, k_seg = resolve_mask_inputs(mask, B, T, S, None, None, q_segment_ids, kv_segment_ids)
+  _, _, q_seg, k_seg = inputs.resolve(opts.mask, B, T, S)
 
   def pad(x, n, mode="constant"):
     return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2), mode=mode)
 
   if q_seg is not None:
     q_seg, k_seg = pad(q_seg, Tp, "edge"), pad(k_seg, Sp, "edge")
-  st = _Static(mask, scale, block_q, block_kv, T, S, schedule)
+  st = _Static(opts.mask, opts.score_scale(D), block_q, block_kv, T, S, schedule)
   q_BKTGD = pad(q_BTHD, Tp).reshape(B, Tp, Hkv, G, D).transpose(0, 2, 1, 3, 4)
   k_BKSD, v_BKSD = (pad(x, Sp).transpose(0, 2, 1, 3) for x in (k_BSKD, v_BSKD))
   out_BKTGD, lse_BKTG = _flash(st, q_BKTGD, k_BKSD, v_BKSD, q_seg, k_seg)
   out_BTHD = out_BKTGD[:, :, :T].transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
   lse_BHT = lse_BKTG[:, :, :T].transpose(0, 1, 3, 2).reshape(B, Hq, T)
   return out_BTHD, lse_BHT
+
+
+def attention_with_lse(
+  q_BTHD,
+  k_BSKD,
+  v_BSKD,
+  inputs: MaskInputs,
+  opts: AttentionOptions,
+  *,
+  max_pairs: int = MAX_UNROLLED_PAIRS,
+  max_score_bytes: int = MAX_UNROLLED_SCORE_BYTES,
+):
+  """The blockwise implementation's full call: unrolled when it can be, else the loop.
+
+  Rows in order with a schedule of at most `max_pairs` pairs whose score blocks fit
+  `max_score_bytes` run the unrolled schedule; everything else (permuted layouts, long
+  rows) runs `blockwise.attention_with_lse`.
+  """
+  if inputs.in_order:
+    B, T, Hq = q_BTHD.shape[:3]
+    S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
+    bq, bk = min(opts.block_q, T), min(opts.block_kv, S)
+    schedule = static_schedule(opts.mask, T, S, bq, bk, Hkv, max_pairs=max_pairs)
+    if fits_unrolled(schedule, B, Hq, bq, bk, max_score_bytes=max_score_bytes):
+      clipped = opts.replace(block_q=bq, block_kv=bk)
+      return unrolled_attention_with_lse(q_BTHD, k_BSKD, v_BSKD, inputs, clipped, schedule)
+  return blockwise.attention_with_lse(q_BTHD, k_BSKD, v_BSKD, inputs, opts)

@@ -3,7 +3,7 @@ context-parallel attention (ring and all-gather).
 
 mesh = make_mesh(config.mesh)
 batch = apply_layout(batch, mesh.shape["context"], config.parallel.layout)
-out_BTHD = ring_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask, q_positions=batch["token_index"],
+out_BTHD = ring_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask, q_index=batch["token_index"],
                           q_segment_ids=batch["segment_ids"], mesh=mesh,
                           strategy=config.parallel.context_strategy)
 """
@@ -30,13 +30,7 @@ from lcjax.parallel.mesh import (
   mesh_shape,
   validate_parallel_config,
 )
-from lcjax.parallel.ring import (
-  BLOCK_IMPLS,
-  STRATEGIES,
-  BlockImpl,
-  ring_attention,
-  ring_attention_stats,
-)
+from lcjax.parallel.ring import STRATEGIES, ring_attention, ring_attention_stats
 
 __all__ = [
   "MESH_AXES",
@@ -58,8 +52,6 @@ __all__ = [
   "ring_work",
   "work_imbalance",
   "STRATEGIES",
-  "BlockImpl",
-  "BLOCK_IMPLS",
   "ring_attention",
   "ring_attention_stats",
 ]

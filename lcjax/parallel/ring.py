@@ -1,12 +1,12 @@
 """Context-parallel attention: ring attention and all-gather over the `context` mesh axis.
 
 out_BTHD = ring_attention(q_BTHD, k_BSKD, v_BSKD, mask=MaskSpec(document=True),
-                          q_segment_ids=seg_BT, q_positions=token_index_BT, mesh=mesh)
+                          q_segment_ids=seg_BT, q_index=token_index_BT, mesh=mesh)
 
 Inputs are globally shaped [B, T, ...] arrays whose sequence dimension is split into W
 equal chunks over the mesh axis `axis` (size W), already in the order of a layout
 (`lcjax.parallel.layouts`: contiguous, zigzag or striped). Masks are evaluated on the
-global token indices `q_positions`/`kv_positions` and on segment ids that travel with
+global token indices `q_index`/`kv_index` and on segment ids that travel with
 their tokens, never on local shard offsets, so every `MaskSpec` (causal, document,
 anchor, sliding window, sinks, strided blocks) means the same as on one device, in any
 layout. A strided mask differs per kv head and is evaluated on the global kv-head
@@ -17,9 +17,10 @@ Strategies (`strategy=`):
 * `ring` (RingAttention, Liu et al. 2023; Blockwise Parallel Transformer, Liu & Abbeel
   2023). Each device keeps its query chunk; the key/value chunks, with their positions
   and segment ids, travel the ring with `lax.ppermute` (device r sends to r + 1), so
-  at step j device r holds the keys of device (r − j) mod W. Each step runs a block
-  attention routine (`block_impl`: pure-JAX `blockwise`, or the `pallas` kernels) that
-  returns (out, lse), and the partial results are merged in float32 in LSE form (the
+  at step j device r holds the keys of device (r − j) mod W. Each step runs the forward
+  of a registered attention implementation (`block_impl`, `lcjax.attention.registry`:
+  pure-JAX `blockwise`, the `pallas` kernels, or the `reference`) that returns
+  (out, lse), and the partial results are merged in float32 in LSE form (the
   online softmax of FlashAttention-2, Dao 2023):
 
     lse' = logaddexp(lse, lse_j),  out' = e^(lse − lse') · out + e^(lse_j − lse') · out_j.
@@ -48,7 +49,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -56,59 +56,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from lcjax.attention.blockwise import blockwise_bwd, blockwise_fwd, visited_block_pairs
-from lcjax.attention.masks import EMPTY, MaskSpec, resolve_mask_inputs
-from lcjax.attention.reference import check_qkv
+from lcjax.attention.blockwise import visited_block_pairs
+from lcjax.attention.inputs import AttentionOptions, MaskInputs, check_qkv, mask_inputs
+from lcjax.attention.masks import EMPTY, MaskSpec
+from lcjax.attention.registry import IMPLS, AttentionImpl
 
 __all__ = [
   "STRATEGIES",
-  "BlockImpl",
-  "BLOCK_IMPLS",
   "ring_attention",
   "ring_attention_stats",
 ]
 
 STRATEGIES = ("ring", "all_gather")
-
-
-class BlockImpl(NamedTuple):
-  """The per-step attention routine of context parallelism: a forward and a backward.
-
-  fwd(q_BTHD, k_BSKD, v_BSKD, *, mask, q_segment_ids, kv_segment_ids, q_positions,
-      kv_positions, scale, block_q, block_kv) -> (out_BTHD float32, lse_BHT float32)
-  bwd(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, *, <the same keywords>)
-      -> float32 (dq_BTHD, dk_BSKD, dv_BSKD)
-
-  `fwd` gives out 0 and lse -inf on rows with no visible key. `bwd` receives the
-  output and lse merged over *all* keys and returns these keys' share of the gradients
-  (FlashAttention-2 Alg. 2 with P = exp(S − lse)). See `blockwise_fwd`/`blockwise_bwd`,
-  the pure-JAX pair; a Pallas kernel pair plugs in with the same signatures.
-  """
-
-  fwd: Callable
-  bwd: Callable
-
-
-def _pallas_fwd(*args, **kwargs):
-  """`pallas_kernels.block_sparse_fwd`, imported at the first call (never at import)."""
-  from pallas_kernels.block_sparse_attention import block_sparse_fwd
-
-  return block_sparse_fwd(*args, **kwargs)
-
-
-def _pallas_bwd(*args, **kwargs):
-  """`pallas_kernels.block_sparse_bwd`, imported at the first call (never at import)."""
-  from pallas_kernels.block_sparse_attention import block_sparse_bwd
-
-  return block_sparse_bwd(*args, **kwargs)
-
-
-# "pallas": the block-sparse flash attention kernels (Mosaic on TPU, Triton on GPU,
-# interpret mode on CPU), which need block sizes that are multiples of 8.
-BLOCK_IMPLS = {
-  "blockwise": BlockImpl(blockwise_fwd, blockwise_bwd),
-  "pallas": BlockImpl(_pallas_fwd, _pallas_bwd),
-}
 
 
 class _Static(NamedTuple):
@@ -119,12 +78,13 @@ class _Static(NamedTuple):
   batch_axes: tuple[str, ...]
   head_axis: str | None
   strategy: str
-  impl: BlockImpl
-  mask: MaskSpec
-  scale: float
-  block_q: int
-  block_kv: int
+  impl: AttentionImpl  # its forward / backward run each step (`lcjax.attention.registry`)
+  opts: AttentionOptions
   kv_heads: int  # Hkv, for masks that differ per kv head (strided, `MaskSpec.per_head`)
+
+  @property
+  def mask(self) -> MaskSpec:
+    return self.opts.mask
 
   @property
   def ring_size(self) -> int:
@@ -138,9 +98,6 @@ class _Static(NamedTuple):
 
   def lse_spec(self) -> PartitionSpec:  # [B, H, T]
     return PartitionSpec(self.batch_axes or None, self.head_axis, self.axis)
-
-  def block_kwargs(self) -> dict:
-    return dict(mask=self.mask, scale=self.scale, block_q=self.block_q, block_kv=self.block_kv)
 
 
 def _shard_map(st: _Static, body, args, in_specs, out_specs):
@@ -214,19 +171,11 @@ def _ring_forward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, count_
     k_BSKD, v_BSKD, k_pos_BS, k_seg_BS = kv
 
     def compute():
-      out_j, lse_j = st.impl.fwd(
-        q,
-        k_BSKD,
-        v_BSKD,
-        q_segment_ids=q_seg,
-        kv_segment_ids=k_seg_BS,
-        q_positions=q_pos,
-        kv_positions=k_pos_BS,
-        **st.block_kwargs(),
-      )
+      inputs = MaskInputs(q_pos, k_pos_BS, q_seg, k_seg_BS)
+      out_j, lse_j = st.impl.forward(q, k_BSKD, v_BSKD, inputs, st.opts)
       n_blocks = blocks
       if count_blocks:
-        bq, bk = min(st.block_q, T), min(st.block_kv, k_pos_BS.shape[1])
+        bq, bk = min(st.opts.block_q, T), min(st.opts.block_kv, k_pos_BS.shape[1])
         n_blocks += visited_block_pairs(
           _chunk_block_map(st, q_pos, k_pos_BS, q_seg, k_seg_BS, bq, bk)
         )
@@ -257,19 +206,8 @@ def _ring_backward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, out, 
     dk_BSKD, dv_BSKD = dkv
 
     def compute():
-      dq_j, dk_j, dv_j = st.impl.bwd(
-        q,
-        k_BSKD,
-        v_BSKD,
-        out,
-        lse,
-        dout,
-        q_segment_ids=q_seg,
-        kv_segment_ids=k_seg_BS,
-        q_positions=q_pos,
-        kv_positions=k_pos_BS,
-        **st.block_kwargs(),
-      )
+      inputs = MaskInputs(q_pos, k_pos_BS, q_seg, k_seg_BS)
+      dq_j, dk_j, dv_j = st.impl.backward(q, k_BSKD, v_BSKD, out, lse, dout, inputs, st.opts)
       return dq_BTHD + dq_j, (dk_BSKD + dk_j, dv_BSKD + dv_j)
 
     visible = _chunk_visible(st, q_pos, k_pos_BS, q_seg, k_seg_BS)
@@ -300,33 +238,14 @@ def _gather_kv(st: _Static, k, v, k_pos, k_seg):
 
 def _gathered_forward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg):
   k_all, v_all, k_pos_all, k_seg_all = _gather_kv(st, k, v, k_pos, k_seg)
-  return st.impl.fwd(
-    q,
-    k_all,
-    v_all,
-    q_segment_ids=q_seg,
-    kv_segment_ids=k_seg_all,
-    q_positions=q_pos,
-    kv_positions=k_pos_all,
-    **st.block_kwargs(),
-  )
+  inputs = MaskInputs(q_pos, k_pos_all, q_seg, k_seg_all)
+  return st.impl.forward(q, k_all, v_all, inputs, st.opts)
 
 
 def _gathered_backward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, dout):
   k_all, v_all, k_pos_all, k_seg_all = _gather_kv(st, k, v, k_pos, k_seg)
-  dq, dk_all, dv_all = st.impl.bwd(
-    q,
-    k_all,
-    v_all,
-    out,
-    lse,
-    dout,
-    q_segment_ids=q_seg,
-    kv_segment_ids=k_seg_all,
-    q_positions=q_pos,
-    kv_positions=k_pos_all,
-    **st.block_kwargs(),
-  )
+  inputs = MaskInputs(q_pos, k_pos_all, q_seg, k_seg_all)
+  dq, dk_all, dv_all = st.impl.backward(q, k_all, v_all, out, lse, dout, inputs, st.opts)
   # Every device holds a part of every key's gradient: sum them, each keeps its chunk.
   dk, dv = (lax.psum_scatter(x, st.axis, scatter_dimension=1, tiled=True) for x in (dk_all, dv_all))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
@@ -376,37 +295,22 @@ def _axis_tuple(axes) -> tuple[str, ...]:
   return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def _static(
-  q_BTHD,
-  k_BSKD,
-  v_BSKD,
-  mask,
-  mesh,
-  axis,
-  batch_axes,
-  head_axis,
-  strategy,
-  block_impl,
-  scale,
-  block_q,
-  block_kv,
-):
+def _static(q_BTHD, k_BSKD, v_BSKD, opts, mesh, axis, batch_axes, head_axis, strategy, block_impl):
   """Validates the call before tracing; each error is one sentence naming the argument."""
-  if not isinstance(mask, MaskSpec):
-    raise ValueError(f"mask must be a MaskSpec, got {type(mask).__name__}")
   if strategy not in STRATEGIES:
     raise ValueError(
       f"strategy={strategy!r} is not a context-parallel strategy; use one of {STRATEGIES}"
     )
   if isinstance(block_impl, str):
-    if block_impl not in BLOCK_IMPLS:
+    if block_impl not in IMPLS:
       raise ValueError(
-        f"block_impl={block_impl!r} is unknown; use one of {sorted(BLOCK_IMPLS)} or a BlockImpl"
+        f"block_impl={block_impl!r} is unknown; use one of {', '.join(IMPLS)} "
+        "(lcjax.attention.registry) or an AttentionImpl"
       )
-    block_impl = BLOCK_IMPLS[block_impl]
-  elif not isinstance(block_impl, BlockImpl):
+    block_impl = IMPLS[block_impl]
+  elif not isinstance(block_impl, AttentionImpl):
     raise ValueError(
-      f"block_impl must be a name in {sorted(BLOCK_IMPLS)} or a BlockImpl, got {block_impl!r}"
+      f"block_impl must be a registered attention impl name or an AttentionImpl, got {block_impl!r}"
     )
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
@@ -428,9 +332,6 @@ def _static(
   used = [a for a in (axis, head_axis, *batch_axes) if a is not None]
   if len(set(used)) != len(used):
     raise ValueError(f"axis, head_axis and batch_axes must name different mesh axes, got {used}")
-  for name, size in (("block_q", block_q), ("block_kv", block_kv)):
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-      raise ValueError(f"{name} must be a positive integer, got {size!r}")
   check_qkv(q_BTHD, k_BSKD, v_BSKD)
   B, T, Hq, D = q_BTHD.shape
   S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -453,29 +354,26 @@ def _static(
       f"{Hkv} kv heads are not divisible by head_axis={head_axis!r} of size {heads}; use "
       "head_axis=None or a smaller axis"
     )
-  if mask.per_head and head_axis is not None:
+  if opts.mask.per_head and head_axis is not None:
     # Each device would see local kv heads 0.. and take the phases of the first heads.
     raise ValueError(
-      f"a strided MaskSpec (stride={mask.stride}) differs per kv head, which head_axis="
+      f"a strided MaskSpec (stride={opts.mask.stride}) differs per kv head, which head_axis="
       f"{head_axis!r} would renumber on each device; use head_axis=None"
     )
-  scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-  return _Static(
-    mesh, axis, batch_axes, head_axis, strategy, block_impl, mask, scale, block_q, block_kv, Hkv
-  )
+  opts = opts.replace(scale=opts.score_scale(D))
+  return _Static(mesh, axis, batch_axes, head_axis, strategy, block_impl, opts, Hkv)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _run(st: _Static, q_BTHD, k_BSKD, v_BSKD, q_positions, kv_positions, q_seg, kv_seg):
+def _run(st: _Static, q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs):
   B, T, S = q_BTHD.shape[0], q_BTHD.shape[1], k_BSKD.shape[1]
-  mask_inputs = resolve_mask_inputs(st.mask, B, T, S, q_positions, kv_positions, q_seg, kv_seg)
-  return _attention(st, q_BTHD, k_BSKD, v_BSKD, *mask_inputs)
+  return _attention(st, q_BTHD, k_BSKD, v_BSKD, *inputs.resolve(st.mask, B, T, S))
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _run_stats(st: _Static, q_BTHD, k_BSKD, v_BSKD, q_positions, kv_positions, q_seg, kv_seg):
+def _run_stats(st: _Static, q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs):
   B, T, S = q_BTHD.shape[0], q_BTHD.shape[1], k_BSKD.shape[1]
-  mask_inputs = resolve_mask_inputs(st.mask, B, T, S, q_positions, kv_positions, q_seg, kv_seg)
+  mask_inputs = inputs.resolve(st.mask, B, T, S)
 
   def body(*args):
     _, _, chunks, blocks = _ring_forward_local(st, *args, count_blocks=True)
@@ -497,26 +395,29 @@ def ring_attention(
   mask: MaskSpec,
   q_segment_ids: jax.Array | None = None,
   kv_segment_ids: jax.Array | None = None,
-  q_positions: jax.Array | None = None,
-  kv_positions: jax.Array | None = None,
+  q_index: jax.Array | None = None,
+  kv_index: jax.Array | None = None,
   mesh: Mesh | AbstractMesh | None = None,
   axis: str = "context",
   batch_axes: str | tuple[str, ...] | None = None,
   head_axis: str | None = None,
   strategy: str = "ring",
-  block_impl: str | BlockImpl = "blockwise",
+  block_impl: str | AttentionImpl = "blockwise",
   scale: float | None = None,
   block_q: int = 512,
   block_kv: int = 512,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
 ) -> jax.Array:
   """Attention over a sequence split across `axis`: `dot_product_attention` for long rows.
 
   Args:
-    q_BTHD, k_BSKD, v_BSKD, mask, q_segment_ids, kv_segment_ids, q_positions,
-      kv_positions, scale: as in `lcjax.attention.dot_product_attention`, on the
-      global arrays in layout order. Positions are the mask positions: each token's
-      index in the original row (`apply_layout`'s `token_index`), which default to
-      arange (the contiguous layout). Segment ids are needed by `document` masks.
+    q_BTHD, k_BSKD, v_BSKD, mask, q_segment_ids, kv_segment_ids, q_index, kv_index,
+      scale: as in `lcjax.attention.dot_product_attention`, on the global arrays in
+      layout order. The indices are the mask indices: each token's index in the
+      original row (`apply_layout`'s `token_index`), which default to arange (the
+      contiguous layout); `q_positions`/`kv_positions` are their deprecated names.
+      Segment ids are needed by `document` masks.
     mesh: the device mesh (`lcjax.parallel.make_mesh`); default the mesh set with
       `jax.set_mesh`. T and S are split over `axis`.
     axis: the mesh axis of the sequence split (the ring), size W; W must divide T, S.
@@ -524,29 +425,22 @@ def ring_attention(
       default none (rows replicated over the other axes).
     head_axis: a mesh axis the heads are split over (e.g. 'tensor'), default none.
     strategy: "ring" (K/V travel the ring) or "all_gather" (K/V gathered once).
-    block_impl: the per-step attention routine: "blockwise", "pallas" (the
-      block-sparse kernels; blocks must be multiples of 8) or a `BlockImpl`.
+    block_impl: the per-step attention routine: a name registered in
+      `lcjax.attention.registry` ("blockwise", "pallas" — whose blocks must be multiples
+      of 8 — or "reference") or an `AttentionImpl`.
     block_q, block_kv: block sizes of the block impl inside a device's chunk.
 
   Returns out_BTHD in q's dtype, sharded like q. Differentiable (custom VJP, see the
   module docstring); works under jit or eagerly. Bad arguments raise before tracing.
   """
-  st = _static(
-    q_BTHD,
-    k_BSKD,
-    v_BSKD,
-    mask,
-    mesh,
-    axis,
-    batch_axes,
-    head_axis,
-    strategy,
-    block_impl,
-    scale,
-    block_q,
-    block_kv,
+  opts = AttentionOptions(mask, scale, block_q, block_kv)
+  inputs = mask_inputs(
+    "ring_attention", q_segment_ids, kv_segment_ids, q_index, kv_index, q_positions, kv_positions
   )
-  return _run(st, q_BTHD, k_BSKD, v_BSKD, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  st = _static(
+    q_BTHD, k_BSKD, v_BSKD, opts, mesh, axis, batch_axes, head_axis, strategy, block_impl
+  )
+  return _run(st, q_BTHD, k_BSKD, v_BSKD, inputs)
 
 
 def ring_attention_stats(
@@ -554,43 +448,26 @@ def ring_attention_stats(
   k_BSKD: jax.Array,
   v_BSKD: jax.Array,
   *,
-  mask: MaskSpec,
-  q_segment_ids: jax.Array | None = None,
-  kv_segment_ids: jax.Array | None = None,
-  q_positions: jax.Array | None = None,
-  kv_positions: jax.Array | None = None,
   mesh: Mesh | AbstractMesh | None = None,
   axis: str = "context",
   batch_axes: str | tuple[str, ...] | None = None,
   head_axis: str | None = None,
-  block_impl: str | BlockImpl = "blockwise",
-  scale: float | None = None,
-  block_q: int = 512,
-  block_kv: int = 512,
+  block_impl: str | AttentionImpl = "blockwise",
+  **attention_kwargs,
 ) -> dict[str, jax.Array]:
   """Work done by the ring forward, counted inside its compute branch (a debug stat).
 
-  Takes `ring_attention`'s arguments (the strategy is "ring"). Returns int32 arrays
-  [R, W] (R = devices over batch_axes, W = ring size), one entry per device:
-  "chunk_pairs", the ring steps whose (query chunk, key chunk) pair was computed
-  rather than skipped, and "block_pairs", the (q block, kv block) pairs the blockwise
-  impl visits inside them (what `layouts.ring_work` predicts).
+  Takes `ring_attention`'s arguments (the strategy is "ring"); `attention_kwargs` are
+  its mask, segment ids, indices, scale and block sizes. Returns int32 arrays [R, W]
+  (R = devices over batch_axes, W = ring size), one entry per device: "chunk_pairs",
+  the ring steps whose (query chunk, key chunk) pair was computed rather than skipped,
+  and "block_pairs", the (q block, kv block) pairs the blockwise impl visits inside
+  them (what `layouts.ring_work` predicts).
   """
-  st = _static(
-    q_BTHD,
-    k_BSKD,
-    v_BSKD,
-    mask,
-    mesh,
-    axis,
-    batch_axes,
-    head_axis,
-    "ring",
-    block_impl,
-    scale,
-    block_q,
-    block_kv,
+  kw = dict(attention_kwargs)
+  opts = AttentionOptions(
+    kw.pop("mask"), kw.pop("scale", None), kw.pop("block_q", 512), kw.pop("block_kv", 512)
   )
-  return _run_stats(
-    st, q_BTHD, k_BSKD, v_BSKD, q_positions, kv_positions, q_segment_ids, kv_segment_ids
-  )
+  inputs = mask_inputs("ring_attention_stats", **kw)
+  st = _static(q_BTHD, k_BSKD, v_BSKD, opts, mesh, axis, batch_axes, head_axis, "ring", block_impl)
+  return _run_stats(st, q_BTHD, k_BSKD, v_BSKD, inputs)

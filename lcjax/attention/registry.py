@@ -1,0 +1,129 @@
+"""Attention implementations by name: the one table the dispatcher, the ring and the model read.
+
+Each entry is an `AttentionImpl` of three functions over the bundled inputs
+(`lcjax.attention.inputs`):
+
+  attention(q, k, v, inputs, opts) -> (out_BTHD in q's dtype, lse_BHT fp32); differentiable
+  forward(q, k, v, inputs, opts) -> (out_BTHD fp32, lse_BHT fp32)
+  backward(q, k, v, out, lse, dout, inputs, opts, dlse=None) -> fp32 (dq, dk, dv)
+
+`attention` is what `dot_product_attention(impl=NAME)` runs; `forward`/`backward` are
+one ring step of context parallelism (`lcjax.parallel.ring`), which merges partial
+results by their lse and runs the backward against the merged output
+(FlashAttention-2 Alg. 1 and 2, Dao 2023). So every registered implementation also
+runs under ring attention: the model passes the name it resolved, never a second
+mapping of its own.
+
+* reference: materialized scores (the oracle); its backward is FA-2's written densely.
+* blockwise: pure JAX; the unrolled static schedule for rows in order, else the
+  `fori_loop` over runtime block maps (which is also its ring step).
+* pallas: the `pallas_kernels` block-sparse kernels (Mosaic on TPU, Triton on GPU,
+  interpret mode on CPU).
+
+`auto` resolves per call: pallas on TPU/GPU, blockwise on CPU. A new implementation is
+one `register_attention_impl(name, AttentionImpl(...))` call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+
+from lcjax.attention import blockwise, reference, unrolled
+from pallas_kernels.block_sparse_attention import attention_with_lse as pallas_with_lse
+from pallas_kernels.block_sparse_attention import backward as pallas_backward
+from pallas_kernels.block_sparse_attention import default_interpret
+from pallas_kernels.block_sparse_attention import forward as pallas_forward
+
+__all__ = [
+  "AUTO_IMPL",
+  "AttentionImpl",
+  "IMPLS",
+  "attention_impl",
+  "impl_names",
+  "register_attention_impl",
+  "resolve_impl",
+]
+
+
+class AttentionImpl(NamedTuple):
+  """One attention implementation (see the module docstring for the three signatures)."""
+
+  attention: Callable
+  forward: Callable
+  backward: Callable
+
+
+# platform -> what "auto" runs: the Pallas kernels on accelerators, the pure-JAX twin on
+# CPU (where Pallas only runs in its slow interpret mode).
+AUTO_IMPL = {"cpu": "blockwise", "tpu": "pallas", "gpu": "pallas", "cuda": "pallas"}
+_interpret_notice_shown = False
+
+
+def _pallas_attention(q_BTHD, k_BSKD, v_BSKD, inputs, opts):
+  """The kernels with interpret mode chosen per call, and a one-time notice on CPU."""
+  global _interpret_notice_shown
+  if default_interpret(q_BTHD) and not _interpret_notice_shown:
+    _interpret_notice_shown = True
+    logging.getLogger(__name__).warning(
+      "impl='pallas' on CPU runs the kernels in Pallas interpret mode (slow; for testing); "
+      "impl='blockwise' is the fast CPU path"
+    )
+  return pallas_with_lse(q_BTHD, k_BSKD, v_BSKD, inputs, opts)
+
+
+IMPLS: dict[str, AttentionImpl] = {
+  "reference": AttentionImpl(
+    reference.reference_with_lse, reference.reference_fwd, reference.reference_bwd
+  ),
+  "blockwise": AttentionImpl(unrolled.attention_with_lse, blockwise.forward, blockwise.backward),
+  "pallas": AttentionImpl(_pallas_attention, pallas_forward, pallas_backward),
+}
+
+
+def register_attention_impl(name: str, impl: AttentionImpl) -> None:
+  """Adds an implementation under `name` (for `impl=` and ring attention's steps)."""
+  if not isinstance(impl, AttentionImpl):
+    raise ValueError(f"register_attention_impl({name!r}) needs an AttentionImpl, got {impl!r}")
+  if name in IMPLS or name == "auto":
+    raise ValueError(f"attention impl {name!r} is already registered; pick another name")
+  IMPLS[name] = impl
+
+
+def impl_names() -> tuple[str, ...]:
+  """Every value `impl=` / `attention.impl` accepts: "auto" and the registered names."""
+  return ("auto", *IMPLS)
+
+
+def _platform(x: jax.Array | None) -> str:
+  """The platform x lives on, or the default backend's for tracers (decided per call)."""
+  try:
+    return next(iter(x.devices())).platform
+  except (AttributeError, TypeError, jax.errors.ConcretizationTypeError):
+    return jax.default_backend()
+
+
+def resolve_impl(impl: str, x: jax.Array | None = None, *, platform: str | None = None) -> str:
+  """The registered name `impl` runs as; "auto" is decided by platform, never at import.
+
+  `platform` (e.g. "tpu" for an ahead-of-time compile from a CPU host) overrides the
+  platform `x` lives on.
+  """
+  if impl not in impl_names():
+    raise ValueError(f"attention impl {impl!r} is unknown; use one of {', '.join(impl_names())}")
+  if impl != "auto":
+    return impl
+  return AUTO_IMPL.get(platform or _platform(x), "blockwise")
+
+
+def attention_impl(name: str) -> AttentionImpl:
+  """The implementation registered as `name` (not "auto": resolve it first)."""
+  if name not in IMPLS:
+    raise ValueError(
+      f"attention impl {name!r} is unknown; use one of {', '.join(IMPLS)} (resolve 'auto' with "
+      "resolve_impl)"
+    )
+  return IMPLS[name]
