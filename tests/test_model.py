@@ -299,6 +299,7 @@ def test_hf_export_refuses_sink_window_layers(hf_model_type):
     num_layers=3,
     layer_types=longgen_layer_types(3),
     sparse_window=4,
+    sparse_sinks=2,
     **bias,
   )
   with pytest.raises(ValueError, match="sink_window_attention"):

@@ -5,10 +5,11 @@ from __future__ import annotations
 from flax import nnx
 
 from lcjax.config import ConfigError
+from lcjax.models import transformer
 from lcjax.models.config import llama_config, longgen_layer_types, validate_model_config
 from lcjax.models.generate import generate
 from lcjax.models.mamba2 import Mamba2LM, mamba2_config, validate_mamba2_config
-from lcjax.models.transformer import LlamaLM
+from lcjax.models.transformer import DecoderLM
 
 __all__ = [
   "build_model",
@@ -18,13 +19,13 @@ __all__ = [
   "mamba2_config",
   "validate_model_config",
   "validate_model",
-  "LlamaLM",
+  "DecoderLM",
   "Mamba2LM",
   "FAMILIES",
 ]
 
 # family name → model class and its config validation; a new family is one entry each.
-FAMILIES = {"llama": LlamaLM, "mamba2": Mamba2LM}
+FAMILIES = {"llama": DecoderLM, "mamba2": Mamba2LM}
 VALIDATORS = {"llama": validate_model_config, "mamba2": validate_mamba2_config}
 
 
@@ -42,3 +43,9 @@ def build_model(model_config, *, rngs: nnx.Rngs) -> nnx.Module:
   if family not in FAMILIES:
     raise ConfigError(f"model.family={family!r} is unknown; choose one of {sorted(FAMILIES)}")
   return FAMILIES[family](model_config, rngs=rngs)
+
+
+def __getattr__(name: str):
+  if name == "LlamaLM":  # the deprecated name, with its warning (lcjax.models.transformer)
+    return transformer.LlamaLM
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

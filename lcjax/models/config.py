@@ -1,7 +1,11 @@
 """Model configs for the Llama family (Llama, Mistral, Qwen2) and their validation.
 
-Field names follow the lcjax config skeleton (DESIGN.md, "Config skeleton"); the
-mapping to Hugging Face `config.json` keys lives in `lcjax.interop.hf`.
+These are the `model` section of a run config (`lcjax.train.base_config`; the README's
+config table). The mapping to Hugging Face `config.json` keys lives in
+`lcjax.interop.hf`. `attention_impl`, `attention_block_q/kv` and `context_strategy` are
+here so a model can be built on its own (notebooks, benchmarks); in a run config their
+one home is `config.attention` / `config.parallel`, and the run's `model` section does
+not have them (`lcjax.train.run_model.model_config_for_run`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from typing import Any
 
 import ml_collections
 
+from lcjax.attention.registry import impl_names
 from lcjax.config import ConfigError, require
+from lcjax.models.mamba2 import mamba2_config, validate_mamba2_config
 from lcjax.positional.rope import validate_rope_parameters
 
 __all__ = [
@@ -82,7 +88,7 @@ def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
       anchor=False,  # AnchorAttention: key 0 visible to every document
       dtype="auto",  # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
       remat="none",  # none | full | dots (save matmul outputs): activation checkpointing per layer
-      attention_impl="auto",
+      attention_impl="auto",  # a registered impl (lcjax.attention.IMPLS) or auto
       context_strategy="ring",  # ring | all_gather, used when the mesh's context axis is > 1
       attention_block_q=512,
       attention_block_kv=512,
@@ -148,8 +154,6 @@ def mamba_mixer_config(cfg):
   Width, norm epsilon, dtype and initialization come from the model config; the rest
   from `model.mamba` (e.g. `mamba=dict(d_state=16, head_dim=32)`).
   """
-  from lcjax.models.mamba2 import mamba2_config
-
   mamba = cfg.get("mamba") or {}
   mamba = mamba.to_dict() if hasattr(mamba, "to_dict") else dict(mamba)
   shared = dict(
@@ -191,8 +195,6 @@ def validate_model_config(cfg) -> None:
   for kind in kinds:
     require(kind in LAYER_TYPES, f"model.layer_types entry {kind!r} is unknown; use {LAYER_TYPES}")
   if "mamba2" in kinds:
-    from lcjax.models.mamba2 import validate_mamba2_config
-
     try:
       validate_mamba2_config(mamba_mixer_config(cfg))
     except ConfigError as e:  # name the hybrid's sub-config, not a top-level field
@@ -202,16 +204,24 @@ def validate_model_config(cfg) -> None:
       cfg.sliding_window is not None and cfg.sliding_window >= 1,
       "model.layer_types uses 'sliding_attention' but model.sliding_window is not set",
     )
+  require(
+    isinstance(cfg.sparse_sinks, int) and cfg.sparse_sinks >= 0,
+    f"model.sparse_sinks={cfg.sparse_sinks!r} must be a non-negative integer",
+  )
   if "sink_window_attention" in kinds:
     require(
       cfg.sparse_window is not None and cfg.sparse_window >= 1,
       "model.layer_types uses 'sink_window_attention' but model.sparse_window is not a "
       "positive integer",
     )
-  require(
-    isinstance(cfg.sparse_sinks, int) and cfg.sparse_sinks >= 0,
-    f"model.sparse_sinks={cfg.sparse_sinks!r} must be a non-negative integer",
-  )
+    # Without sinks the layer is a plain sliding window under another name (LongGen's
+    # sparse layer keeps the first tokens visible); say which one is meant.
+    require(
+      cfg.sparse_sinks >= 1,
+      "model.layer_types uses 'sink_window_attention' with model.sparse_sinks=0, which is a "
+      "plain sliding window; set model.sparse_sinks >= 1 or use 'sliding_attention' with "
+      "model.sliding_window",
+    )
   if "strided_attention" in kinds:
     require(
       isinstance(cfg.sparse_stride, int) and cfg.sparse_stride >= 1,
@@ -223,13 +233,21 @@ def validate_model_config(cfg) -> None:
       require(
         isinstance(value, int) and value >= 1, f"model.{field}={value!r} must be a positive integer"
       )
-  validate_rope_parameters(cfg.rope.to_dict())
+  try:
+    validate_rope_parameters(cfg.rope.to_dict(), head_dim=head_dim(cfg))
+  except ValueError as e:  # name the config field, as every other model error does
+    raise ConfigError(f"model.rope: {e}") from None
   rope_max = cfg.rope.get("max_position_embeddings")
   require(
     rope_max is None or rope_max == cfg.max_position_embeddings,
     f"model.rope.max_position_embeddings={rope_max} differs from model.max_position_embeddings="
     f"{cfg.max_position_embeddings}; set them equal (dynamic NTK and LongRoPE read it)",
   )
+  if "attention_impl" in cfg:  # the run's one home is config.attention.impl
+    require(
+      cfg.attention_impl in impl_names(),
+      f"attention impl {cfg.attention_impl!r} is unknown; use one of {', '.join(impl_names())}",
+    )
   require(
     cfg.remat in REMAT_POLICIES,
     f"model.remat={cfg.remat!r} is unknown; use one of {REMAT_POLICIES}",

@@ -472,7 +472,7 @@ class Mamba2LM(nnx.Module):
   """Mamba-2 LM: embed → Mamba2Block × num_layers → RMSNorm → logits (HF `Mamba2ForCausalLM`).
 
   `model(tokens_BT, positions=None, segment_ids=None) -> logits_BTV` (float32), the
-  LlamaLM interface. `positions` are ignored; `segment_ids` reset the state and the
+  DecoderLM interface. `positions` are ignored; `segment_ids` reset the state and the
   conv at each document start (exact). `init_cache`/`decode` serve `generate`.
   """
 
@@ -499,7 +499,7 @@ class Mamba2LM(nnx.Module):
   ) -> tuple[jax.Array, list[Mamba2Cache] | None]:
     """Final normed hidden states [B,T,D] (and updated caches when decoding).
 
-    `positions` and `cache_index` are accepted for the LlamaLM interface and unused.
+    `positions` and `cache_index` are accepted for the DecoderLM interface and unused.
     `token_index` [B,T] (each token's index in the packed row, set by context-parallel
     layouts) is undone before the scan, which needs row order, and reapplied after.
     """

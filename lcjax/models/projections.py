@@ -5,7 +5,8 @@ contracts the two leading axes of x and dy. XLA:CPU (jax 0.10) lowers that dot t
 generic kernel and writes the producer of dy transposed ([O, B·T]) to feed it; for the
 SwiGLU backward that transposed elementwise fusion alone took ~100 ms per layer of the
 d512/T1024/B4 bench model, and the MLP ran at half of the matmul peak. The VJPs below
-state the same gradients as plain row-major matmuls on [B·T, I] views:
+state the same gradients as plain row-major matmuls on [B·T, I] views (when no mesh
+shards the rows; see `_contract_rows`):
 
   y = x W:                 dx = dy Wᵀ,   dW = xᵀ dy
   h = silu(x Wg) ⊙ (x Wu),  y = h Wd  (Shazeer 2020, eq. 6; HF `LlamaMLP`):
@@ -24,12 +25,37 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lcjax.parallel.mesh import ACTIVATION_BTF, constrain
+
 __all__ = ["project", "swiglu"]
 
 
+def _contract_rows(x_BTI: jax.Array, y_BTO: jax.Array) -> jax.Array:
+  """xᵀ y summed over every leading axis: [..., I], [..., O] -> [I, O] (a weight gradient).
+
+  Without a multi-device mesh the leading axes are merged into rows first, which XLA:CPU
+  runs as one row-major GEMM (the speed-up above). Under a mesh that would merge the
+  rows sharded over ('data', 'fsdp') with the tokens sharded over 'context' into one
+  axis, which GSPMD cannot keep sharded: it gathers the activations instead (every chip
+  all-reduced a [B·T, F] gradient in the Llama-3-8B pod compile). There the contraction
+  runs over the leading axes as they are, the form autodiff emits, so each chip
+  contracts its own tokens and the partial sums reduce-scatter to the sharded weight.
+  """
+  lead = tuple(range(x_BTI.ndim - 1))
+  if _rows_may_merge():
+    return _rows(x_BTI).T @ _rows(y_BTO)
+  return jax.lax.dot_general(x_BTI, y_BTO, ((lead, lead), ((), ())))
+
+
 def _rows(x_NI: jax.Array) -> jax.Array:
-  """[..., I] -> [N, I]: all leading axes as matrix rows."""
+  """[..., I] -> [N, I]: all leading axes as matrix rows (a free reshape of a row-major array)."""
   return x_NI.reshape(-1, x_NI.shape[-1])
+
+
+def _rows_may_merge() -> bool:
+  """True when no mesh with more than one device is set (`jax.set_mesh`): nothing is sharded."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.size == 1
 
 
 @jax.custom_vjp
@@ -44,8 +70,8 @@ def _project_fwd(x_BTI, w_IO):
 
 def _project_bwd(res, dy_BTO):
   x_BTI, w_IO = res
-  dx_BTI = (_rows(dy_BTO) @ w_IO.T).reshape(x_BTI.shape)
-  dw_IO = _rows(x_BTI).T @ _rows(dy_BTO)
+  dx_BTI = dy_BTO @ w_IO.T
+  dw_IO = _contract_rows(x_BTI, dy_BTO)
   return dx_BTI.astype(x_BTI.dtype), dw_IO.astype(w_IO.dtype)
 
 
@@ -65,25 +91,24 @@ def swiglu(x_BTD: jax.Array, gate_DF: jax.Array, up_DF: jax.Array, down_FD: jax.
 
 def _swiglu_fwd(x_BTD, gate_DF, up_DF, down_FD):
   F = gate_DF.shape[1]
-  ab_NF2 = _rows(x_BTD) @ jnp.concatenate([gate_DF, up_DF], axis=1)
-  a_NF, b_NF = ab_NF2[:, :F], ab_NF2[:, F:]
-  h_NF = jax.nn.silu(a_NF) * b_NF
-  y_BTD = (h_NF @ down_FD).reshape(*x_BTD.shape[:-1], down_FD.shape[1])
-  return y_BTD, (x_BTD, ab_NF2, gate_DF, up_DF, down_FD)
+  ab_BTF2 = constrain(x_BTD @ jnp.concatenate([gate_DF, up_DF], axis=1), ACTIVATION_BTF)
+  a_BTF, b_BTF = ab_BTF2[..., :F], ab_BTF2[..., F:]
+  y_BTD = (jax.nn.silu(a_BTF) * b_BTF) @ down_FD
+  return y_BTD, (x_BTD, ab_BTF2, gate_DF, up_DF, down_FD)
 
 
 def _swiglu_bwd(res, dy_BTD):
-  x_BTD, ab_NF2, gate_DF, up_DF, down_FD = res
+  x_BTD, ab_BTF2, gate_DF, up_DF, down_FD = res
   F = gate_DF.shape[1]
-  a_NF, b_NF = ab_NF2[:, :F], ab_NF2[:, F:]
-  silu_NF, sigmoid_NF = _silu_parts(a_NF)
-  dy_ND = _rows(dy_BTD)
-  d_down_FD = (silu_NF * b_NF).T @ dy_ND
-  dh_NF = dy_ND @ down_FD.T
-  dsilu_NF = sigmoid_NF * (1 + a_NF * (1 - sigmoid_NF))
-  dab_NF2 = jnp.concatenate([dh_NF * b_NF * dsilu_NF, dh_NF * silu_NF], axis=1)
-  d_gate_up_DF2 = _rows(x_BTD).T @ dab_NF2
-  dx_BTD = (dab_NF2 @ jnp.concatenate([gate_DF, up_DF], axis=1).T).reshape(x_BTD.shape)
+  a_BTF, b_BTF = ab_BTF2[..., :F], ab_BTF2[..., F:]
+  silu_BTF, sigmoid_BTF = _silu_parts(a_BTF)
+  d_down_FD = _contract_rows(silu_BTF * b_BTF, dy_BTD)
+  dh_BTF = dy_BTD @ down_FD.T
+  dsilu_BTF = sigmoid_BTF * (1 + a_BTF * (1 - sigmoid_BTF))
+  dab_BTF2 = jnp.concatenate([dh_BTF * b_BTF * dsilu_BTF, dh_BTF * silu_BTF], axis=-1)
+  dab_BTF2 = constrain(dab_BTF2, ACTIVATION_BTF)
+  d_gate_up_DF2 = _contract_rows(x_BTD, dab_BTF2)
+  dx_BTD = dab_BTF2 @ jnp.concatenate([gate_DF, up_DF], axis=1).T
   return (
     dx_BTD.astype(x_BTD.dtype),
     d_gate_up_DF2[:, :F].astype(gate_DF.dtype),

@@ -15,13 +15,14 @@ token's index in the row. RoPE uses `positions`, which may restart per document
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcjax.attention import MaskSpec, dot_product_attention
+from lcjax.attention import AttentionOptions, MaskInputs, MaskSpec, attention_impl, resolve_impl
 from lcjax.models.config import head_dim, layer_types, mamba_mixer_config, validate_model_config
 from lcjax.models.layers import (
   RMSNorm,
@@ -33,9 +34,17 @@ from lcjax.models.layers import (
   vocab_logits,
 )
 from lcjax.models.mamba2 import Mamba2Mixer
+from lcjax.parallel.mesh import (
+  ACTIVATION_BTD,
+  ACTIVATION_BTHD,
+  ACTIVATION_BTKD,
+  BATCH_AXES,
+  constrain,
+)
+from lcjax.parallel.ring import ring_attention
 from lcjax.positional.rope import apply_rope, compute_inv_freq, query_scale, rope_cos_sin
 
-__all__ = ["LlamaLM", "KVCache", "RopeTables"]
+__all__ = ["DecoderLM", "KVCache", "RopeTables"]
 
 
 class RopeTables(NamedTuple):
@@ -82,9 +91,15 @@ class Attention(nnx.Module):
     cache_index: jax.Array | int = 0,
   ) -> tuple[jax.Array, KVCache | None]:
     B, T, _ = x_BTD.shape
-    q_BTHD = self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
-    k_BTKD = self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
-    v_BTKD = self.v_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
+    q_BTHD = constrain(
+      self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim), ACTIVATION_BTHD
+    )
+    k_BTKD = constrain(
+      self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim), ACTIVATION_BTKD
+    )
+    v_BTKD = constrain(
+      self.v_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim), ACTIVATION_BTKD
+    )
     q_BTHD = apply_rope(q_BTHD, rope.cos_BTK, rope.sin_BTK)
     k_BTKD = apply_rope(k_BTKD, rope.cos_BTK, rope.sin_BTK)
     if rope.q_scale_BT is not None:
@@ -103,60 +118,57 @@ class Attention(nnx.Module):
       cache = KVCache(k_BTKD, v_BTKD)
       # Causal masking by index hides the still-empty slots after the write.
       kv_index_BS = jnp.broadcast_to(jnp.arange(k_BTKD.shape[1]), (B, k_BTKD.shape[1]))
+    name = resolve_impl(self.impl, q_BTHD)
+    opts = AttentionOptions(mask, block_q=self.block_q, block_kv=self.block_kv)
     context_mesh = _context_mesh() if cache is None else None
     if context_mesh is not None:
       out_BTHD = self._context_parallel(
-        context_mesh, q_BTHD, k_BTKD, v_BTKD, mask, segment_ids_BT, q_index_BT
+        context_mesh, name, q_BTHD, k_BTKD, v_BTKD, opts, segment_ids_BT, q_index_BT
       )
-      return self.o_proj(out_BTHD.reshape(B, T, -1)), cache
-    out_BTHD = dot_product_attention(
-      q_BTHD,
-      k_BTKD,
-      v_BTKD,
-      mask=mask,
-      q_segment_ids=segment_ids_BT,
-      kv_segment_ids=kv_segment_ids,
-      # None tells the attention that positions are arange, so its block schedule is
-      # static (the unrolled CPU path); otherwise they are data.
-      q_positions=None if in_order and cache is None else q_index_BT,
-      kv_positions=None if in_order and cache is None else kv_index_BS,
-      impl=self.impl,
-      block_q=self.block_q,
-      block_kv=self.block_kv,
+      return self._out(out_BTHD), cache
+    # None indices tell the attention that rows are in order, so its block schedule is
+    # static (the unrolled CPU path); otherwise they are data.
+    static = in_order and cache is None
+    inputs = MaskInputs(
+      None if static else q_index_BT,
+      None if static else kv_index_BS,
+      segment_ids_BT,
+      kv_segment_ids,
     )
-    return self.o_proj(out_BTHD.reshape(B, T, -1)), cache
+    out_BTHD, _ = attention_impl(name).attention(q_BTHD, k_BTKD, v_BTKD, inputs, opts)
+    return self._out(out_BTHD), cache
 
-  def _context_parallel(self, mesh, q_BTHD, k_BTKD, v_BTKD, mask, segment_ids_BT, q_index_BT):
+  def _out(self, out_BTHD: jax.Array) -> jax.Array:
+    B, T = out_BTHD.shape[:2]
+    out_BTHD = constrain(out_BTHD, ACTIVATION_BTHD)
+    return constrain(self.o_proj(out_BTHD.reshape(B, T, -1)), ACTIVATION_BTD)
+
+  def _context_parallel(self, mesh, name, q_BTHD, k_BTKD, v_BTKD, opts, segment_ids_BT, index_BT):
     """Ring (or all-gather) attention over the mesh's 'context' axis (Liu et al. 2023).
 
-    Each ring step runs the Pallas block-sparse kernels when `attention_impl` resolves
-    to "pallas" (auto on TPU/GPU), otherwise the pure-JAX blockwise routine.
+    Each ring step runs the forward and backward of the implementation `name` resolved
+    to (`lcjax.attention.registry`): the Pallas kernels on TPU/GPU under "auto", the
+    pure-JAX blockwise loop on CPU, or whatever `attention.impl` names.
     """
-    from lcjax.attention import resolve_impl
-    from lcjax.parallel.mesh import BATCH_AXES
-    from lcjax.parallel.ring import ring_attention
-
-    block_impl = "pallas" if resolve_impl(self.impl, q_BTHD) == "pallas" else "blockwise"
-
     tensor = mesh.shape.get("tensor", 1)
     head_axis = "tensor" if tensor > 1 and self.num_kv_heads % tensor == 0 else None
-    if mask.per_head:  # a strided mask is defined on global kv-head indices
+    if opts.mask.per_head:  # a strided mask is defined on global kv-head indices
       head_axis = None
     return ring_attention(
       q_BTHD,
       k_BTKD,
       v_BTKD,
-      mask=mask,
+      mask=opts.mask,
       q_segment_ids=segment_ids_BT,
       kv_segment_ids=segment_ids_BT,
-      q_positions=q_index_BT,
-      kv_positions=q_index_BT,
+      q_index=index_BT,
+      kv_index=index_BT,
       batch_axes=BATCH_AXES,
       head_axis=head_axis,
       strategy=self.context_strategy,
-      block_impl=block_impl,
-      block_q=self.block_q,
-      block_kv=self.block_kv,
+      block_impl=name,
+      block_q=opts.block_q,
+      block_kv=opts.block_kv,
     )
 
 
@@ -210,6 +222,7 @@ class DecoderBlock(nnx.Module):
     )
 
   def __call__(self, x_BTD, rope, *, anchor, segment_ids_BT, q_index_BT, cache, cache_index):
+    x_BTD = constrain(x_BTD, ACTIVATION_BTD)
     if self.mixer is not None:
       mixed_BTD, cache = self.mixer(
         self.input_layernorm(x_BTD), segment_ids_BT=segment_ids_BT, cache=cache
@@ -232,7 +245,8 @@ class DecoderBlock(nnx.Module):
       cache_index=cache_index,
     )
     x_BTD = x_BTD + attn_BTD
-    return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), cache
+    mlp_BTD = constrain(self.mlp(self.post_attention_layernorm(x_BTD)), ACTIVATION_BTD)
+    return constrain(x_BTD + mlp_BTD, ACTIVATION_BTD), cache
 
 
 def _run_layer(layer, x_BTD, rope, anchor, segment_ids_BT, q_index_BT):
@@ -255,8 +269,13 @@ def _remat_layer(policy: str):
   return nnx.remat(_run_layer, policy=save, static_argnums=(3,))
 
 
-class LlamaLM(nnx.Module):
-  """Decoder-only LM: embed → blocks → RMSNorm → logits.
+class DecoderLM(nnx.Module):
+  """Decoder-only LM: embed → blocks → RMSNorm → logits, for `model.family="llama"`.
+
+  Its blocks are attention layers of the Llama family (Llama, Mistral, Qwen2: full,
+  sliding-window, LongGen's sink + window and strided layers) or Mamba-2 mixers, per
+  `model.layer_types`, so one class holds plain transformers and hybrid stacks. (It was
+  called `LlamaLM`; that name still works, with a DeprecationWarning.)
 
   `model(tokens_BT, positions=None, segment_ids=None) -> logits_BTV` (float32).
   `positions` are RoPE positions (default arange(T)); `segment_ids` mark packed
@@ -327,7 +346,7 @@ class LlamaLM(nnx.Module):
       q_index_BT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
     positions_BT = q_index_BT if positions is None else positions
     rope = self.rope_tables(positions_BT)
-    x_BTD = self.embed_tokens(tokens_BT)
+    x_BTD = constrain(self.embed_tokens(tokens_BT), ACTIVATION_BTD)
     if caches is None:
       run_layer = _remat_layer(self.remat)
       # Rows in order pass None as the token index, which lets attention use a static
@@ -374,3 +393,15 @@ class LlamaLM(nnx.Module):
     """Runs `tokens_BT` at positions cache_index.. against the cache; returns logits, caches."""
     h_BTD, caches = self.hidden_states(tokens_BT, caches=caches, cache_index=cache_index)
     return self.logits(h_BTD), caches
+
+
+def __getattr__(name: str):
+  if name == "LlamaLM":  # the class's name before it also held Mamba-2 and hybrid stacks
+    warnings.warn(
+      "lcjax.models.LlamaLM is now DecoderLM (it also builds Mamba-2 and hybrid stacks); "
+      "the old name is removed in lcjax 0.3",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return DecoderLM
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcjax.config import ConfigError
@@ -34,6 +35,12 @@ __all__ = [
   "make_mesh",
   "logical_to_spec",
   "logical_sharding",
+  "fit_spec",
+  "constrain",
+  "ACTIVATION_BTD",
+  "ACTIVATION_BTF",
+  "ACTIVATION_BTHD",
+  "ACTIVATION_BTKD",
   "validate_parallel_config",
 ]
 
@@ -144,8 +151,6 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   except NotImplementedError:
     # A logical axis that is no product of whole physical torus axes (e.g. 8 on a 4x4x4
     # v5p slice): split physical axes rather than refuse the mesh.
-    from jax.experimental import mesh_utils
-
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
@@ -180,6 +185,39 @@ def logical_to_spec(
 def logical_sharding(mesh: Mesh, names: Sequence[str | None], rules=None) -> NamedSharding:
   """`NamedSharding(mesh, logical_to_spec(names, rules))`."""
   return NamedSharding(mesh, logical_to_spec(names, rules))
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh_shape: Mapping[str, int]):
+  """Replicates the dimensions of `shape` whose mesh axes in `spec` do not divide them."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    size = math.prod(mesh_shape[a] for a in names)
+    fitted.append(axes if size > 1 and dim % size == 0 else None)
+  return PartitionSpec(*fitted)
+
+
+# Logical names of the activations the model constrains (MaxText's activation rules).
+ACTIVATION_BTD = ("batch", "activation_length", "activation_embed")
+ACTIVATION_BTF = ("batch", "activation_length", "activation_mlp")
+ACTIVATION_BTHD = ("batch", "activation_length", "activation_heads", "activation_head_dim")
+ACTIVATION_BTKD = ("batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pins `x`'s sharding to its logical axis names under the mesh set with `jax.set_mesh`.
+
+  Without such constraints GSPMD is free to satisfy `x @ W` with an FSDP-sharded W by
+  gathering the activations over 'fsdp' rather than the weights, so every chip held
+  MLP intermediates for all rows (issue #15; MaxText constrains activations the same
+  way). A dimension its mesh axes do not divide stays replicated. Without a mesh, or
+  on a one-device mesh, `x` is returned as is, so single-device programs are unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  spec = fit_spec(logical_to_spec(names), x.shape, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def validate_parallel_config(

@@ -11,13 +11,11 @@ its mesh axes do not divide stays replicated (tiny test models on 8 devices).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
-from lcjax.parallel.mesh import logical_to_spec
+from lcjax.parallel.mesh import fit_spec, logical_to_spec
 from lcjax.pytree import path_str
 
 __all__ = ["PARAM_RULES", "param_logical_axes", "tree_shardings", "batch_sharding"]
@@ -47,23 +45,13 @@ def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
   return (None,) * ndim
 
 
-def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-  """Replicates the dimensions whose mesh axes do not divide them."""
-  fitted = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-    fitted.append(axes if size > 1 and dim % size == 0 else None)
-  return PartitionSpec(*fitted)
-
-
 def tree_shardings(tree, mesh: Mesh):
   """NamedShardings for a params or train-state pytree (leaves: arrays or ShapeDtypeStructs)."""
 
   def one(path, leaf):
     shape = getattr(leaf, "shape", ())
     names = param_logical_axes(path_str(path), len(shape))
-    return NamedSharding(mesh, _fit(logical_to_spec(names), shape, mesh))
+    return NamedSharding(mesh, fit_spec(logical_to_spec(names), shape, dict(mesh.shape)))
 
   return jax.tree_util.tree_map_with_path(one, tree)
 

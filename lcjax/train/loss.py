@@ -4,6 +4,13 @@ At T = 128K and V = 128K a float32 logits tensor is 64 GiB per sequence. The los
 is computed over chunks of `chunk` positions inside a `lax.scan` whose body is
 rematerialised, so forward and backward hold one chunk's logits at a time
 (the same idea as Liger Kernel's fused linear cross-entropy, in plain JAX).
+
+Under context parallelism the sequence is split into W contiguous shards over the
+mesh's 'context' axis. The chunks are then taken *within* each shard: the scan's step
+n covers positions [n·c, (n+1)·c) of every shard at once, so each device computes the
+logits of its own tokens only, and no device gathers the hidden states of the whole
+sequence (a scan over global chunks would run every chunk on every chip, W times the
+output-head work, and all-gather [B, T, D]).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["chunked_cross_entropy", "cross_entropy_reference"]
+__all__ = ["chunked_cross_entropy", "context_shards", "cross_entropy_reference"]
 
 
 def cross_entropy_reference(logits_BTV, targets_BT, weights_BT):
@@ -43,16 +50,23 @@ def chunked_cross_entropy(
     chunk: positions per chunk; T is padded up to a multiple with zero weight.
   """
   B, T, D = h_BTD.shape
-  chunk = min(chunk, T)
-  n = -(-T // chunk)
-  pad = n * chunk - T
-  if pad:
-    h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
-    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-    weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
-  h_NBCD = h_BTD.reshape(B, n, chunk, D).swapaxes(0, 1)
-  targets_NBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
-  weights_NBC = weights_BT.reshape(B, n, chunk).swapaxes(0, 1).astype(jnp.float32)
+  W = context_shards(T)
+  L = T // W  # positions per context shard
+  chunk = min(chunk, L)
+  n = -(-L // chunk)
+  pad = n * chunk - L
+
+  def chunks(x_BT, trailing):
+    """[B, T, ...] -> [n, B, W·chunk, ...]: step i holds chunk i of every context shard."""
+    x_BWL = x_BT.reshape(B, W, L, *trailing)
+    if pad:
+      x_BWL = jnp.pad(x_BWL, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * len(trailing))
+    x_BWNC = x_BWL.reshape(B, W, n, chunk, *trailing)
+    return jnp.moveaxis(x_BWNC, 2, 0).reshape(n, B, W * chunk, *trailing)
+
+  h_NBCD = chunks(h_BTD, (D,))
+  targets_NBC = chunks(targets_BT, ())
+  weights_NBC = chunks(weights_BT, ()).astype(jnp.float32)
 
   @jax.checkpoint
   def chunk_nll(h_BCD, targets_BC, weights_BC):
@@ -63,3 +77,15 @@ def chunked_cross_entropy(
 
   total, _ = jax.lax.scan(body, jnp.float32(0.0), (h_NBCD, targets_NBC, weights_NBC))
   return total, jnp.sum(weights_NBC)
+
+
+def context_shards(seq_len: int) -> int:
+  """The size of the 'context' axis of the mesh set with `jax.set_mesh`, if it splits T.
+
+  1 without a mesh (or when the axis does not divide `seq_len`, so nothing is split).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  W = dict(mesh.shape).get("context", 1)
+  return W if seq_len % W == 0 else 1
