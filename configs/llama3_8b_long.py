@@ -2,7 +2,9 @@
 
 On a pod (checkpoint from Hugging Face, your tokenized data):
   python scripts/train.py --config configs/llama3_8b_long.py --workdir gs://BUCKET/run \
-      --config.init_from=/models/Meta-Llama-3-8B --config.data.source.path='/data/*.jsonl.gz'
+      --config.init_from=/models/Meta-Llama-3-8B --config.data.tokenizer.kind=hf \
+      --config.data.tokenizer.path=/models/Meta-Llama-3-8B \
+      --config.data.source.kind=jsonl --config.data.source.path='/data/*.jsonl.gz'
 Check that it fits before paying for it (CPU host with libtpu, no TPU needed):
   python scripts/train.py --config configs/llama3_8b_long.py --workdir /tmp/aot \
       --compile_only --topology v5p:4x4x4
@@ -36,7 +38,8 @@ def get_config(arg=None):
     remat="full",
   )
   c.data.update(seq_len=T, position_scheme="per_document")
-  c.data.tokenizer = dict(kind="byte")  # set kind=hf and path= with a real checkpoint
+  # The byte tokenizer by default; with a real checkpoint set data.tokenizer.kind=hf and
+  # data.tokenizer.path to its folder.
   c.attention.update(block_q=512, block_kv=512)
   c.mesh.update(data=1, fsdp=arg.fsdp, tensor=1, context=arg.context)
   c.parallel.update(context_strategy="ring", layout="zigzag")

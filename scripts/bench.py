@@ -17,14 +17,26 @@ matmul peak measured in the same process.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
+import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+from lcjax.attention import MaskSpec, dot_product_attention
+from lcjax.attention.unrolled import fits_unrolled, static_schedule
+from lcjax.config import load_config
+from lcjax.interop.hf import config_to_hf
+from lcjax.parallel.layouts import LAYOUTS, work_imbalance
+from lcjax.train.aot import compile_train_step
+from lcjax.train.flops import flops_per_token
+from lcjax.train.run_model import abstract_setup, build_run_model, run_train_step
+from lcjax.train.step import init_state
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -36,79 +48,51 @@ def _median_time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def _train_models():
-  from lcjax.models import llama_config
-
-  rope = lambda T: dict(rope_type="default", rope_theta=1e4, max_position_embeddings=T)  # noqa: E731
-  quick = llama_config(
-    vocab_size=384,
-    d_model=128,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    mlp_dim=352,
-    max_position_embeddings=256,
-    rope=rope(256),
-    dtype="float32",
-    attention_block_q=128,
-    attention_block_kv=128,
-  )
-  wide = llama_config(
-    vocab_size=384,
-    d_model=512,
-    num_layers=4,
-    num_heads=8,
-    num_kv_heads=8,
-    mlp_dim=1376,
-    max_position_embeddings=1024,
-    rope=rope(1024),
-    dtype="float32",
-    attention_block_q=128,
-    attention_block_kv=128,
-  )
+def _train_configs():
+  """Run configs of the two benchmark models: the quickstart's, and a wider one."""
+  bench_train = {  # plain AdamW at a constant rate, as the torch step below
+    "train.lr": 1e-4,
+    "train.warmup_steps": 0,
+    "train.schedule": "constant",
+    "train.weight_decay": 0.0,
+    "train.grad_clip_norm": 1.0,
+    "attention.block_q": 128,
+    "attention.block_kv": 128,
+  }
+  quick = {**bench_train, "train.batch_size": 8, "train.loss_chunk": 256}
+  wide = {
+    **bench_train,
+    "model.d_model": 512,
+    "model.num_heads": 8,
+    "model.num_kv_heads": 8,
+    "model.mlp_dim": 1376,
+    "train.batch_size": 4,
+    "train.loss_chunk": 1024,
+  }
   return {
-    "quickstart (d128 L4 T256 B8)": (quick, 8, 256),
-    "wide (d512 L4 T1024 B4)": (wide, 4, 1024),
+    "quickstart (d128 L4 T256 B8)": load_config("configs/quickstart.py:seq_len=256", quick),
+    "wide (d512 L4 T1024 B4)": load_config("configs/quickstart.py:seq_len=1024", wide),
   }
 
 
-def _lcjax_step(cfg, batch, T):
-  """A warmed-up lcjax training step on random tokens: (run, number of params)."""
-  import ml_collections
+def _lcjax_step(config):
+  """A warmed-up lcjax training step on random tokens: (run, number of params, model config).
 
-  from lcjax.models import build_model
-  from lcjax.train.optim import make_optimizer
-  from lcjax.train.step import init_state, make_train_step
-
-  model = build_model(cfg, rngs=nnx.Rngs(0))
-  graphdef, _ = nnx.split(model, nnx.Param)
-  tc = ml_collections.ConfigDict(
-    dict(
-      steps=1000,
-      lr=1e-4,
-      warmup_steps=0,
-      schedule="constant",
-      min_lr_ratio=1.0,
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      weight_decay=0.0,
-      grad_clip_norm=1.0,
-      freeze=(),
-      trainable=(),
-    )
-  )
-  tx, schedule = make_optimizer(tc, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  step = make_train_step(graphdef, tx, schedule, grad_accum=1, loss_chunk=T, document_mask=False)
-  state = init_state(model, tx, 0)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.vocab_size, size=(batch, T + 1))
+  The run's own model, optimizer and step (`lcjax.train.run_model`), on one row of
+  documents without a document mask, as the torch step below.
+  """
+  model, model_cfg = build_run_model(config)
+  setup = abstract_setup(config, model_cfg)
+  step = run_train_step(config, setup, document_mask=False)
+  state = init_state(model, setup.tx, 0)
+  B, T = config.train.batch_size, config.data.seq_len
+  tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, size=(B, T + 1))
   b = dict(
     tokens=jnp.asarray(tokens[:, :-1], jnp.int32),
     targets=jnp.asarray(tokens[:, 1:], jnp.int32),
-    segment_ids=jnp.ones((batch, T), jnp.int32),
-    positions=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (batch, T)),
-    loss_weights=jnp.ones((batch, T), jnp.float32),
+    segment_ids=jnp.ones((B, T), jnp.int32),
+    positions=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+    loss_weights=jnp.ones((B, T), jnp.float32),
   )
   holder = {"state": state}
 
@@ -118,16 +102,13 @@ def _lcjax_step(cfg, batch, T):
 
   run()
   run()
-  n_params = sum(x.size for x in jax.tree.leaves(holder["state"]["params"]))
-  return run, n_params
+  return run, setup.n_params, model_cfg
 
 
 def _torch_step(cfg, batch, T):
   """The same model's warmed-up training step in transformers + torch: (run, threads)."""
   import torch
   import transformers
-
-  from lcjax.interop.hf import config_to_hf
 
   hf = config_to_hf(cfg)
   config = transformers.AutoConfig.for_model(
@@ -180,7 +161,6 @@ def bench_train(repeats: int) -> None:
   figure is the fastest of its `repeats` rounds (the least disturbed one), so the MFU
   and the ratio compare runs taken under the same conditions.
   """
-  from lcjax.train.flops import flops_per_token
 
   matmul, matmul_flops = _matmul(2048)
   torch_matmul, _ = _torch_matmul(2048)
@@ -188,8 +168,9 @@ def bench_train(repeats: int) -> None:
     f"{'model':<30}{'params':>10}{'peak GF/s':>11}{'lcjax tok/s':>13}{'CPU-MFU':>9}"
     f"{'torch tok/s':>13}{'lcjax/torch':>13}{'torch peak GF/s':>17}"
   )
-  for name, (cfg, batch, T) in _train_models().items():
-    lcjax_step, n_params = _lcjax_step(cfg, batch, T)
+  for name, config in _train_configs().items():
+    batch, T = config.train.batch_size, config.data.seq_len
+    lcjax_step, n_params, cfg = _lcjax_step(config)
     torch_step, threads = _torch_step(cfg, batch, T)
     runs = dict(peak=matmul, lcjax=lcjax_step, torch=torch_step, torch_peak=torch_matmul)
     times = {key: [] for key in runs}
@@ -216,10 +197,6 @@ def bench_train(repeats: int) -> None:
 
 
 def bench_attention(repeats: int) -> None:
-  import importlib.util
-  import os
-
-  from lcjax.attention import MaskSpec, dot_product_attention
 
   # Block density of each mask family from the Pallas kernels' tables (and, on an
   # accelerator, kernel TFLOP/s against jax.nn.dot_product_attention).
@@ -229,8 +206,6 @@ def bench_attention(repeats: int) -> None:
   spec.loader.exec_module(blocks)
   blocks.main([])
   print()
-
-  from lcjax.attention.unrolled import fits_unrolled, static_schedule
 
   mask = MaskSpec(causal=True)
   print(
@@ -268,29 +243,27 @@ def bench_attention(repeats: int) -> None:
 
 
 def _memory_config(T: int, context: int):
-  import importlib.util
-  import os
-
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(
-    "qs", os.path.join(root, "configs", "quickstart.py")
+  return load_config(
+    f"configs/quickstart.py:seq_len={T}",
+    {
+      "model.max_position_embeddings": T,
+      "model.rope.max_position_embeddings": T,
+      "model.remat": "full",
+      "attention.block_q": 512,
+      "attention.block_kv": 512,
+      "train.batch_size": 1,
+      "train.loss_chunk": 1024,
+      "mesh.data": 1,
+      "mesh.fsdp": 1,
+      "mesh.tensor": 1,
+      "mesh.context": context,
+      "parallel.layout": "zigzag",
+      "parallel.context_strategy": "ring",
+    },
   )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(f"seq_len={T}")
-  c.model.update(max_position_embeddings=T, remat="full")
-  c.model.rope.max_position_embeddings = T
-  c.attention.update(block_q=512, block_kv=512)
-  c.train.update(batch_size=1, loss_chunk=1024)
-  c.mesh.update(data=1, fsdp=1, tensor=1, context=context)
-  c.parallel.update(layout="zigzag", context_strategy="ring")
-  return c
 
 
 def bench_memory() -> None:
-  import os
-  import subprocess
-
   if jax.device_count() < 8:  # the mesh needs 8 devices: rerun with 8 fake CPU devices
     env = {
       **os.environ,
@@ -299,8 +272,6 @@ def bench_memory() -> None:
     }
     subprocess.run([sys.executable, __file__, "memory"], env=env, check=True)
     return
-  from lcjax.parallel.layouts import LAYOUTS, work_imbalance
-  from lcjax.train.aot import compile_train_step
 
   print("per-device memory of a training step (quickstart model, remat=full, batch 1, zigzag ring,")
   print("block 512; compiled memory_analysis on CPU devices):")
@@ -322,9 +293,6 @@ def bench_memory() -> None:
 
 def _run_script(name: str) -> None:
   """Runs another benchmark script of this folder in its own process (its own flags)."""
-  import os
-  import subprocess
-
   subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), name)], check=True)
 
 

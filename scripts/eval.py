@@ -6,12 +6,17 @@
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:args]")
+from lcjax.cli import fail, run
+from lcjax.config import ConfigError
+from lcjax.train.config import validate_config
+from lcjax.train.evaluate import evaluate_workdir
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "configs/NAME.py[:args]", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder with checkpoints/")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -19,18 +24,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)
-  from lcjax.config import ConfigError
-  from lcjax.train.config import validate_config
-  from lcjax.train.evaluate import evaluate_workdir
-
   try:
     validate_config(_CONFIG.value)
     evaluate_workdir(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return fail(str(e))
   return 0
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  run(main)

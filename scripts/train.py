@@ -9,10 +9,14 @@ Rerunning the same command resumes from the newest complete checkpoint.
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from lcjax.cli import fail, run
+from lcjax.config import ConfigError
+from lcjax.parallel.distributed import maybe_initialize
+from lcjax.train import TrainingDiverged, train
+from lcjax.train.aot import compile_train_step, format_report
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "configs/NAME.py[:args]", lock_config=True
@@ -31,30 +35,22 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
-  from lcjax.config import ConfigError
-  from lcjax.parallel.distributed import maybe_initialize
-  from lcjax.train import TrainingDiverged, train
-
   # Multi-process when flags, SLURM or a TPU pod say so; before anything touches devices.
   maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   try:
     if _COMPILE_ONLY.value:
-      from lcjax.train.aot import compile_train_step, format_report
-
       if not _TOPOLOGY.value:
         raise ConfigError("--compile_only needs --topology, e.g. --topology v5p:4x4x4")
       print(format_report(compile_train_step(_CONFIG.value, _TOPOLOGY.value)))
       return 0
     train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return fail(str(e))
   except TrainingDiverged as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 3
+    return fail(str(e), 3)
   return 0
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  run(main)

@@ -1,11 +1,10 @@
 """Ahead-of-time compilation of the train step for TPU topologies from this CPU host (libtpu)."""
 
-import importlib.util
 import os
 
 import pytest
 
-from lcjax.config import ConfigError
+from lcjax.config import ConfigError, load_config
 from lcjax.train.aot import compile_train_step, format_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,12 +12,7 @@ pytest.importorskip("libtpu", reason="libtpu is part of the test extra on Linux 
 
 
 def _quickstart(arg):
-  spec = importlib.util.spec_from_file_location(
-    "qs", os.path.join(ROOT, "configs", "quickstart.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config(f"configs/quickstart.py:{arg}")
 
 
 def test_ring_attention_train_step_compiles_for_v5p():

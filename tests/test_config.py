@@ -1,6 +1,6 @@
 import pytest
 
-from lcjax.config import ConfigError, parse_arg
+from lcjax.config import ConfigError, load_config, parse_arg
 
 
 def test_parse_arg_types_and_flags():
@@ -27,14 +27,7 @@ def test_parse_arg_errors(arg, match):
 
 
 def _load_config(name, arg):
-  import importlib.util
-  import pathlib
-
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config(f"configs/{name}.py" + (f":{arg}" if arg else ""))
 
 
 @pytest.mark.parametrize(
@@ -63,3 +56,92 @@ def test_shipped_configs_validate(name, arg):
 def test_longgen_config_rejects_an_unknown_sparse_layer():
   with pytest.raises(ConfigError, match="sparse='dilated' is unknown"):
     _load_config("longgen_hybrid", "sparse=dilated")
+
+
+def test_load_config_applies_dotted_overrides_and_rejects_unknown_fields():
+  config = load_config("configs/quickstart.py:tiny", {"train.steps": 7})
+  assert config.train.steps == 7
+  with pytest.raises(ConfigError, match=r"override train\.stepz: config\.train has no field"):
+    load_config("configs/quickstart.py:tiny", {"train.stepz": 7})
+  with pytest.raises(ConfigError, match=r"override train\.steps='many'"):
+    load_config("configs/quickstart.py:tiny", {"train.steps": "many"})
+  with pytest.raises(ConfigError, match="config arg 'tinyy' is unknown"):
+    load_config("configs/quickstart.py:tinyy")
+  with pytest.raises(ConfigError, match="config file 'configs/nope.py' not found"):
+    load_config("configs/nope.py")
+  # A bare name finds the config in this checkout (or the installed lcjax.configs).
+  assert load_config("quickstart:tiny").train.steps == 30
+
+
+def test_command_line_overrides_of_missing_fields_fail_in_one_sentence():
+  from lcjax.config import check_override_flags
+
+  argv = ["--config", "configs/quickstart.py:tiny", "--config.data.source.kind=jsonl"]
+  check_override_flags(argv)  # every field exists
+  with pytest.raises(ConfigError, match=r"--config\.model\.nonexist: config\.model has no field"):
+    check_override_flags(argv + ["--config.model.nonexist=3"])
+
+
+def test_attention_settings_have_one_home():
+  """config.attention / config.parallel decide what runs; the model section has no copy,
+  and a model config that carries a disagreeing copy fails in one sentence."""
+  from lcjax.models import llama_config
+  from lcjax.train.run_model import build_run_model, model_config_for_run
+
+  config = load_config(
+    "configs/quickstart.py:tiny",
+    {
+      "attention.impl": "reference",
+      "attention.block_q": 64,
+      "parallel.context_strategy": "all_gather",
+    },
+  )
+  model, cfg = build_run_model(config)
+  attn = model.layers[0].self_attn
+  assert (attn.impl, attn.block_q, attn.context_strategy) == ("reference", 64, "all_gather")
+  assert "attention_impl" not in config.model
+  from lcjax.config import check_override_flags
+
+  with pytest.raises(ConfigError, match=r"config\.model has no field 'attention_impl'"):
+    check_override_flags(["--config=configs/quickstart.py:tiny", "--config.model.attention_impl=x"])
+  # A config file that sets a whole llama_config keeps the fields; they must agree.
+  config = load_config("configs/quickstart.py:tiny", lock=False)
+  config.model = llama_config(
+    attention_impl="pallas", attention_block_q=128, attention_block_kv=128
+  )
+  with pytest.raises(
+    ConfigError,
+    match=r"model\.attention_impl='pallas' disagrees with config\.attention\.impl='auto'",
+  ):
+    model_config_for_run(config)
+  config.attention.impl = "pallas"
+  assert model_config_for_run(config).attention_impl == "pallas"
+
+
+def test_a_mistyped_rope_type_is_a_config_error_naming_the_field():
+  from lcjax.train.config import validate_config
+
+  config = load_config("configs/quickstart.py:tiny", {"model.rope.rope_type": "yarnn"})
+  with pytest.raises(ConfigError, match=r"model\.rope: rope type 'yarnn' is unknown"):
+    validate_config(config, num_devices=1)
+  config = load_config(
+    "configs/quickstart.py:tiny", {"eval.rope_variants": {"y": {"rope_type": "yarn"}}}
+  )
+  with pytest.raises(ConfigError, match=r"eval\.rope_variants\.y: .*'rope_theta'\] is required"):
+    validate_config(config, num_devices=1)
+
+
+def test_sink_window_layers_without_sinks_are_rejected():
+  from lcjax.models import llama_config, validate_model
+
+  cfg = llama_config(layer_types=("sink_window_attention",) * 2, sparse_window=16, sparse_sinks=0)
+  with pytest.raises(ConfigError, match="plain sliding window"):
+    validate_model(cfg)
+
+
+def test_llama_lm_is_a_deprecated_alias_of_decoder_lm():
+  import lcjax.models as models
+
+  with pytest.warns(DeprecationWarning, match="LlamaLM is now DecoderLM"):
+    alias = models.LlamaLM
+  assert alias is models.DecoderLM

@@ -5,13 +5,12 @@ positions built from local shard shapes) must be impossible: losses agree to fp3
 rounding on packed multi-document batches.
 """
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
-from lcjax.config import ConfigError
+from lcjax.config import ConfigError, load_config
 from lcjax.train import train
 from lcjax.train.metrics import read_metrics
 
@@ -19,12 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(steps=3, **mesh):
-  spec = importlib.util.spec_from_file_location(
-    "qs", os.path.join(ROOT, "configs", "quickstart.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("tiny,seq_len=64")
+  c = load_config("configs/quickstart.py:tiny,seq_len=64")
   c.model.update(max_position_embeddings=64, d_model=32, mlp_dim=64, num_heads=4, num_kv_heads=2)
   c.model.rope.max_position_embeddings = 64
   c.attention.update(block_q=8, block_kv=8)  # chunks of 8 tokens hold several blocks

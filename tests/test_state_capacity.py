@@ -1,11 +1,11 @@
 """The Mamba-2 state-capacity study (Chen et al. 2024, "Stuffed Mamba"): smoke run and pieces."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 
+from lcjax.config import load_config
 from lcjax.data import build_tokenizer
 from lcjax.eval.state_capacity import (
   max_length_at,
@@ -17,11 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(arg):
-  path = os.path.join(ROOT, "configs", "mamba2_state_capacity.py")
-  spec = importlib.util.spec_from_file_location("mamba2_state_capacity", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config(f"configs/mamba2_state_capacity.py:{arg}")
 
 
 def test_training_rows_weight_only_the_answer_digits():

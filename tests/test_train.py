@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from lcjax.config import ConfigError
+from lcjax.config import ConfigError, load_config
 from lcjax.train import TrainingDiverged, train
 from lcjax.train.metrics import read_metrics
 
@@ -21,12 +23,7 @@ TRAIN = os.path.join(ROOT, "scripts", "train.py")
 
 
 def _quickstart(arg="tiny"):
-  spec = importlib.util.spec_from_file_location(
-    "qs", os.path.join(ROOT, "configs", "quickstart.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config(f"configs/quickstart.py:{arg}")
 
 
 # Command-line overrides shared by the subprocess tests: a very small, fast run.
@@ -124,6 +121,14 @@ def test_unknown_config_field_is_rejected(tmp_path):
   assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
+def _script_main(name):
+  """The main() of scripts/NAME.py, called in this process."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.main
+
+
 def _tiny_inprocess(tmp_path, **train):
   c = _quickstart()
   c.data.seq_len = 32
@@ -187,44 +192,75 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert json.load(f)["train"]["lr"] == 1e30
 
 
-def test_init_from_hugging_face_folder_continues_training(tmp_path):
-  """init_from loads the HF weights (first loss equals theirs) and applies model_overrides."""
-  import jax.numpy as jnp
-  from flax import nnx
+def test_hugging_face_checkpoint_in_train_longer_and_out(tmp_path, capsys):
+  """The README's continual-pretraining loop end to end.
+
+  A transformers checkpoint written here → `init_from` with ABF as a model override (the
+  first loss equals the loaded weights' loss) → two checkpoints of training → the run
+  folder exported with `scripts/convert_hf.py --to hf --src RUN` → transformers loads
+  it, and its logits equal lcjax's on the trained weights (and differ from the start).
+  """
+  import torch
+  import transformers
 
   from lcjax import data as lcdata
-  from lcjax.interop.hf import load_pretrained, save_pretrained
-  from lcjax.models import build_model, llama_config
+  from lcjax.interop.hf import load_pretrained
   from lcjax.train.loss import cross_entropy_reference
+  from lcjax.train.run_model import load_run_params, model_from_params
 
-  src = llama_config(
-    d_model=32,
-    mlp_dim=64,
-    max_position_embeddings=32,
-    dtype="float32",
-    rope=dict(rope_type="default", rope_theta=1e4, max_position_embeddings=32),
-    initializer_range=0.2,
-  )
-  save_pretrained(build_model(src, rngs=nnx.Rngs(7)), src, str(tmp_path / "hf"))
+  hf = transformers.LlamaConfig(
+    vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    rope_parameters=dict(rope_type="default", rope_theta=1e4), initializer_range=0.2,
+  )  # fmt: skip
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(hf).save_pretrained(tmp_path / "hf")
 
-  c = _tiny_inprocess(tmp_path, steps=1)
+  abf = dict(rope_type="abf", rope_theta=5e5, max_position_embeddings=32)
+  c = _tiny_inprocess(tmp_path, steps=2)
   c.init_from = str(tmp_path / "hf")
-  c.model_overrides = dict(rope=dict(rope_type="abf", rope_theta=5e5, max_position_embeddings=32))
+  c.model_overrides = dict(rope=abf)
+  c.checkpoint.update(every_steps=1, async_save=False)
   train(c, str(tmp_path / "run"))
   first_loss = _losses(tmp_path / "run")[1]
+  with open(tmp_path / "run" / "config.json") as f:
+    assert json.load(f)["model_overrides"]["rope"]["rope_type"] == "abf"
 
-  model, cfg = load_pretrained(str(tmp_path / "hf"))
-  cfg.rope = dict(rope_type="abf", rope_theta=5e5, max_position_embeddings=32)
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-  model = nnx.merge(graphdef, nnx.state(model, nnx.Param))
+  loaded, cfg = load_pretrained(str(tmp_path / "hf"))
+  cfg.rope = abf
+  start = model_from_params(nnx.state(loaded, nnx.Param), cfg)
   batch = next(lcdata.make_train_iterator(c.data, batch_size=8, seed=c.train.seed))
-  logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+  logits = start(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
   nll, weight = cross_entropy_reference(
     logits, jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_weights"])
   )
   np.testing.assert_allclose(first_loss, float(nll / weight), rtol=1e-5)
-  with open(tmp_path / "run" / "config.json") as f:
-    assert json.load(f)["model_overrides"]["rope"]["rope_type"] == "abf"
+
+  convert = _script_main("convert_hf")
+  out = tmp_path / "exported"
+  assert convert(["--to", "hf", "--src", str(tmp_path / "run"), "--dst", str(out)]) == 0
+  assert "checkpoints/2" in capsys.readouterr().out
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  assert exported.config.rope_parameters["rope_type"] == "default"  # ABF = default + theta
+  assert exported.config.rope_parameters["rope_theta"] == 5e5
+  tokens = np.random.default_rng(0).integers(0, 384, size=(2, 32))
+  with torch.no_grad():
+    theirs = exported(torch.as_tensor(tokens)).logits.numpy()
+  params, trained_cfg, step = load_run_params(str(tmp_path / "run"))
+  assert step == 2
+  ours = np.asarray(model_from_params(params, trained_cfg)(jnp.asarray(tokens)))
+  np.testing.assert_allclose(theirs, ours, atol=1e-4)  # fp32 logits, as test_hf_interop
+  assert np.abs(ours - np.asarray(start(jnp.asarray(tokens)))).max() > 1e-3  # it trained
+
+  # --step picks an earlier checkpoint; a step that was not saved is one clear error.
+  assert (
+    convert(["--to", "hf", "--src", str(tmp_path / "run"), "--dst", str(out), "--step", "1"]) == 0
+  )
+  assert "checkpoints/1" in capsys.readouterr().out
+  assert (
+    convert(["--to", "hf", "--src", str(tmp_path / "run"), "--dst", str(out), "--step", "7"]) == 2
+  )
+  assert "no checkpoint of step 7; it has steps [1, 2]" in capsys.readouterr().err
 
 
 def test_mixture_decomposition_and_passkey_through_the_trainer(tmp_path):

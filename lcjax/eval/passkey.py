@@ -34,7 +34,10 @@ import numpy as np
 from lcjax.models.generate import generate
 
 __all__ = [
+  "encode_prompt",
   "make_passkey_prompt",
+  "passkey_prompt_text",
+  "shortest_passkey_prompt",
   "passkey_accuracy",
   "first_integer",
   "TASK",
@@ -60,7 +63,8 @@ def _filler(num_chars: int) -> str:
   return " ".join([GARBAGE] * repeats)[:num_chars]
 
 
-def _prompt_text(num_filler: int, depth: float, key: int) -> str:
+def passkey_prompt_text(num_filler: int, depth: float, key: int) -> str:
+  """The prompt text: task, `num_filler` filler characters with the needle at `depth`, question."""
   prefix_chars = round(depth * num_filler)
   parts = [
     TASK,
@@ -72,12 +76,18 @@ def _prompt_text(num_filler: int, depth: float, key: int) -> str:
   return "\n".join(parts)
 
 
-def _encode(tokenizer, text: str) -> np.ndarray:
+def encode_prompt(tokenizer, text: str) -> np.ndarray:
+  """int32 token ids of `text`, after the tokenizer's bos when it has one."""
   ids = np.asarray(tokenizer.encode(text), np.int32)
   bos_id = getattr(tokenizer, "bos_id", None)
   if bos_id is not None:
     ids = np.concatenate([np.array([bos_id], np.int32), ids])
   return ids
+
+
+def shortest_passkey_prompt(tokenizer, *, key_digits: int = 5) -> int:
+  """Tokens of a passkey prompt without filler: no shorter prompt can be asked for."""
+  return encode_prompt(tokenizer, passkey_prompt_text(0, 0.5, 10 ** (key_digits - 1))).size
 
 
 def make_passkey_prompt(
@@ -100,14 +110,14 @@ def make_passkey_prompt(
     raise ValueError(f"depth={depth} must be in [0, 1] (the needle's position in the filler)")
   if key < 0:
     raise ValueError(f"key={key} must be a non-negative integer")
-  shortest = _encode(tokenizer, _prompt_text(0, depth, key)).size
+  shortest = encode_prompt(tokenizer, passkey_prompt_text(0, depth, key)).size
   if shortest > length_tokens:
     raise ValueError(
       f"length_tokens={length_tokens} is below the {shortest} tokens of a passkey prompt "
       "without filler; ask for a longer prompt"
     )
   fits = lambda num_filler: (
-    _encode(tokenizer, _prompt_text(num_filler, depth, key)).size <= length_tokens
+    encode_prompt(tokenizer, passkey_prompt_text(num_filler, depth, key)).size <= length_tokens
   )
   # Largest filler size whose prompt fits (token counts grow with the filler):
   # double an upper bound until it overflows, then bisect.
@@ -123,7 +133,7 @@ def make_passkey_prompt(
       lo = mid
     else:
       hi = mid - 1
-  return _encode(tokenizer, _prompt_text(lo, depth, key)), str(key)
+  return encode_prompt(tokenizer, passkey_prompt_text(lo, depth, key)), str(key)
 
 
 _INTEGER = re.compile(r"\d+")
@@ -149,7 +159,7 @@ def passkey_accuracy(
   """Passkey retrieval accuracy on a length × depth grid, greedy decoding.
 
   Args:
-    model: a model `generate` accepts (`init_cache` and `decode`, e.g. LlamaLM).
+    model: a model `generate` accepts (`init_cache` and `decode`, e.g. DecoderLM).
     tokenizer: `encode(str)`, `decode(ids) -> str`, optional `bos_id`.
     lengths: prompt lengths in tokens.
     depths: needle depths in [0, 1] (0: right after the task line).

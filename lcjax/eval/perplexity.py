@@ -108,7 +108,7 @@ def _prepare(
 def _token_nll(model, tokens_BW: jax.Array, logits_chunk: int | None) -> jax.Array:
   """Per-position NLL [B, W-1] of tokens_BW[:, 1:] given the prefix tokens_BW[:, :-1].
 
-  Models with `hidden_states` and `logits` (LlamaLM) compute the vocabulary
+  Models with `hidden_states` and `logits` (DecoderLM) compute the vocabulary
   logits `logits_chunk` positions at a time, so a long window never holds the
   full [B, L, V] float32 logits; other callables run `model(tokens)`.
   """
@@ -124,7 +124,7 @@ def _token_nll(model, tokens_BW: jax.Array, logits_chunk: int | None) -> jax.Arr
   if not chunked or logits_chunk is None or L <= logits_chunk:
     return nll(model(inputs_BL), targets_BL)
   h_BLD = model.hidden_states(inputs_BL)
-  h_BLD = h_BLD[0] if isinstance(h_BLD, tuple) else h_BLD  # LlamaLM also returns caches
+  h_BLD = h_BLD[0] if isinstance(h_BLD, tuple) else h_BLD  # DecoderLM also returns caches
   n = -(-L // logits_chunk)
   pad = n * logits_chunk - L
   h_BLD = jnp.pad(h_BLD, ((0, 0), (0, pad), (0, 0)))
@@ -210,7 +210,7 @@ def perplexity(
   """Strided perplexity of `model` on `documents` at one context length.
 
   Args:
-    model: any callable `model(tokens_BT) -> logits_BTV` (the LlamaLM signature).
+    model: any callable `model(tokens_BT) -> logits_BTV` (the DecoderLM signature).
     documents: 1-D integer token arrays.
     context_len: input tokens per window (L).
     stride: window step, 1..L; default L (disjoint windows). Tokens scored after

@@ -16,12 +16,23 @@ is Dao & Gu 2024 ("Transformers are SSMs"); the mitigations are `lcjax.ssm.mitig
 
 from __future__ import annotations
 
+import os
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from lcjax.data.tokenizers import build_tokenizer
+from lcjax.eval.io import write_json
+from lcjax.eval.passkey import make_passkey_prompt, passkey_accuracy, shortest_passkey_prompt
+from lcjax.models import mamba2_config
 from lcjax.ssm.mitigations import ssd_states, window_state_difference
-from lcjax.ssm.ssd import _log_decay
+from lcjax.ssm.ssd import log_decay
+from lcjax.train.config import base_config
+from lcjax.train.run_model import abstract_setup, build_run_model, model_from_params, run_train_step
+from lcjax.train.step import init_state, make_eval_step
 
 __all__ = [
   "state_norm_statistics",
@@ -42,7 +53,7 @@ def _layer_state_stats(mixer, x_BTD, every: int):
   dt_BTH, B_BTGN, C_BTGN = inputs["dt_BTH"], inputs["B_BTGN"], inputs["C_BTGN"]
   _, h_BTHPN = ssd_states(xs_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, state_norm_max=mixer.state_norm_max)
   if mixer.state_window:  # M3: the state the outputs read is the windowed one
-    a_BTH = _log_decay(dt_BTH, A_H, None, h_BTHPN.dtype)
+    a_BTH = log_decay(dt_BTH, A_H, None, h_BTHPN.dtype)
     h_BTHPN = window_state_difference(h_BTHPN, a_BTH, mixer.state_window)
   h_BKHPN = h_BTHPN[:, every - 1 :: every]
   abs_BKHPN = jnp.abs(h_BKHPN)
@@ -111,8 +122,6 @@ def passkey_training_batch(
   on the targets that are answer digits and `lm_weight` on every other real token
   (0: loss on the answer only; a small value adds a language-modelling signal).
   """
-  from lcjax.eval.passkey import make_passkey_prompt
-
   low, high = 10 ** (key_digits - 1), 10**key_digits
   answer_len = key_digits + 1  # " " + digits
   rows = []
@@ -133,73 +142,87 @@ def passkey_training_batch(
   return tokens_BT[:, :-1], tokens_BT[:, 1:], weights_BT
 
 
-def _build(model_cfg, seed: int):
-  from flax import nnx
-
-  from lcjax.models import build_model
-
-  return build_model(model_cfg, rngs=nnx.Rngs(seed))
-
-
 def with_mitigations(model, model_cfg, **knobs):
   """The trained `model`'s weights under `model_cfg` with mitigation knobs overridden.
 
   Knobs are mamba2_config fields: decay_scale / input_scale (M1, Chen et al. 2024
   §5.1), state_norm_max (M2, §5.2), state_window (M3, §5.3). Weights are shared.
   """
-  from flax import nnx
-
   cfg = model_cfg.copy_and_resolve_references()
   cfg.update(knobs)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: _build(cfg, 0)))
-  return nnx.merge(graphdef, nnx.state(model))
+  return model_from_params(nnx.state(model, nnx.Param), cfg)
+
+
+def _passkey_run_config(model_cfg, *, length: int, steps: int, batch_size: int, lr: float,
+                        warmup: int, seed: int):  # fmt: skip
+  """The run config of one grid point: lcjax's trainer settings, the study's numbers.
+
+  AdamW (b2 0.999, weight decay 0.01 on matrices) with linear warm-up and cosine decay
+  to 0, gradient clipping at 1: `lcjax.train`'s optimizer and step, not a copy.
+  """
+  config = base_config()
+  config.model = model_cfg
+  config.data.seq_len = length
+  config.train.update(
+    steps=max(steps, warmup + 1),
+    batch_size=batch_size,
+    lr=lr,
+    warmup_steps=max(1, warmup),
+    schedule="cosine",
+    min_lr_ratio=0.0,
+    b2=0.999,
+    weight_decay=0.01,
+    grad_clip_norm=1.0,
+    loss_chunk=length,
+    seed=seed,
+  )
+  return config
 
 
 def train_passkey_model(model_cfg, tokenizer, *, length: int, steps: int, batch_size: int,
                         lr: float, warmup: int, seed: int, log_every: int = 0,
                         lm_weight: float = 0.0):  # fmt: skip
-  """Trains a Mamba-2 LM on passkey rows of `length` tokens (loss on the answer digits).
+  """Trains a model on passkey rows of `length` tokens through `lcjax.train`'s step.
 
-  AdamW with linear warm-up and cosine decay, gradient clipping at 1. Returns
-  (model, dict(losses=[(step, loss)], seconds)).
+  Loss weight 1 on the answer digits and `lm_weight` on every other token. Returns
+  (model, dict(losses=[(step, answer loss)], seconds)), the answer loss being the mean
+  NLL of the answer digits alone (`lcjax.train.step.make_eval_step` on answer weights).
   """
-  import time
+  config = _passkey_run_config(
+    model_cfg, length=length, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+    seed=seed,
+  )  # fmt: skip
+  model, _ = build_run_model(config)
+  setup = abstract_setup(config, model_cfg)
+  train_step = run_train_step(config, setup)
+  answer_loss = make_eval_step(setup.graphdef, loss_chunk=length)
+  state = init_state(model, setup.tx, seed)
 
-  import optax
-  from flax import nnx
-
-  model = _build(model_cfg, seed)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1))
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-  graphdef, params = nnx.split(model, nnx.Param)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, tokens_BT, targets_BT, weights_BT):
-    def loss_fn(params):
-      logits_BTV = nnx.merge(graphdef, params)(tokens_BT)
-      logp_BTV = jax.nn.log_softmax(logits_BTV)
-      nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-      return jnp.sum(nll_BT * weights_BT) / jnp.maximum(jnp.sum(weights_BT), 1.0), nll_BT
-
-    (_, nll_BT), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    answer_BT = weights_BT == 1.0  # the reported loss: mean NLL of the answer digits
-    loss = jnp.sum(jnp.where(answer_BT, nll_BT, 0.0)) / jnp.maximum(jnp.sum(answer_BT), 1)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def as_batch(tokens_BT, targets_BT, weights_BT):
+    B, T = tokens_BT.shape
+    return dict(
+      tokens=tokens_BT,
+      targets=targets_BT,
+      loss_weights=weights_BT,
+      segment_ids=np.ones((B, T), np.int32),
+      positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
+    )
 
   rng = np.random.default_rng(seed)
   losses, start = [], time.perf_counter()
   for i in range(1, steps + 1):
-    batch = passkey_training_batch(
-      tokenizer, rng, batch=batch_size, length=length, lm_weight=lm_weight
+    batch = as_batch(
+      *passkey_training_batch(tokenizer, rng, batch=batch_size, length=length, lm_weight=lm_weight)
     )
-    params, opt_state, loss = step(params, opt_state, *batch)
+    state, _ = train_step(state, batch)
     if i == steps or (log_every and i % log_every == 0):
-      losses.append((i, float(loss)))
+      answer = dict(batch, loss_weights=(batch["loss_weights"] == 1.0).astype(np.float32))
+      nll, weight = answer_loss(state["params"], answer)
+      losses.append((i, float(nll) / max(float(weight), 1.0)))
       if log_every:
-        print(f"    step {i:5d} loss {float(loss):.4f}", flush=True)
-  return nnx.merge(graphdef, params), dict(losses=losses, seconds=time.perf_counter() - start)
+        print(f"    step {i:5d} loss {losses[-1][1]:.4f}", flush=True)
+  trained = model_from_params(state["params"], model_cfg)
+  return trained, dict(losses=losses, seconds=time.perf_counter() - start)
 
 
 def max_length_at(lengths, accuracy, threshold: float = 0.9) -> int:
@@ -232,17 +255,10 @@ def run_state_capacity_study(config, workdir: str) -> dict:
   and WORKDIR/plots/state_capacity_{accuracy,max_length,state_norms}.png; prints the
   table; returns the JSON dict.
   """
-  import os
-
-  from lcjax.data import build_tokenizer
-  from lcjax.eval.io import write_json
-  from lcjax.eval.passkey import _encode, _prompt_text, make_passkey_prompt, passkey_accuracy
-  from lcjax.models import mamba2_config
-
   study = config.study
   tokenizer = build_tokenizer(dict(kind="byte"))
   results, mitigations = [], []
-  shortest = _encode(tokenizer, _prompt_text(0, 0.5, 10**4)).size  # no filler at all
+  shortest = shortest_passkey_prompt(tokenizer)
   for train_length in study.train_lengths:
     lengths = [int(round(m * train_length)) for m in study.eval_multipliers]
     dropped = [n for n in lengths if n < shortest]
@@ -302,8 +318,6 @@ def run_state_capacity_study(config, workdir: str) -> dict:
 
 def _mitigation_run(model, model_cfg, tokenizer, prompt_P, row, study, every) -> dict:
   """State norms (and passkey accuracy for M1/M2) of one trained model under each mitigation."""
-  from lcjax.eval.passkey import passkey_accuracy
-
   T = row["train_length"]
   within = np.asarray(row["state_norms"]["positions"]) <= T
   # M2's cap: the largest per-head state norm seen within the training length.
@@ -350,8 +364,6 @@ def format_table(results) -> str:
 
 def plot_state_capacity(out: dict, plots_dir: str) -> list[str]:
   """Accuracy vs length per d_state; max length at ≥90% vs d_state (log); state norms."""
-  import os
-
   import matplotlib
 
   matplotlib.use("Agg")

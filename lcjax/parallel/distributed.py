@@ -13,6 +13,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 __all__ = ["maybe_initialize", "wants_distributed", "gather_json", "process_local_to_global"]
 
@@ -56,7 +57,6 @@ def gather_json(obj) -> dict[str, object]:
   """
   if jax.process_count() == 1:
     return {"0": obj}
-  from jax.experimental import multihost_utils
 
   data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lcjax.ssm.ssd import _check_shapes, _compute_dtype, _log_decay, normalize_state, ssd_step
+from lcjax.ssm.ssd import check_shapes, compute_dtype, log_decay, normalize_state, ssd_step
 
 __all__ = [
   "forget_more_remember_less",
@@ -74,10 +74,10 @@ def ssd_states(
   Returns (y_BTHP, h_BTHPN) with h_BTHPN[:, t] the state after step t, float32 (float64
   for float64 inputs). `state_norm_max` applies M2 (Chen et al. 2024, §5.2).
   """
-  _check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN)
+  check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN)
   Bsz, T, H, P = x_BTHP.shape
   N = B_BTGN.shape[-1]
-  f = _compute_dtype(x_BTHP)
+  f = compute_dtype(x_BTHP)
   h_BHPN = jnp.zeros((Bsz, H, P, N), f) if initial_state is None else initial_state.astype(f)
   reset_BT = jnp.zeros((Bsz, T), bool) if reset_BT is None else reset_BT
 
@@ -156,7 +156,7 @@ def ssd_windowed(
     x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, initial_state=initial_state, reset_BT=reset_BT
   )
   f = h_BTHPN.dtype
-  a_BTH = _log_decay(dt_BTH, A_H, reset_BT, f)
+  a_BTH = log_decay(dt_BTH, A_H, reset_BT, f)
   hw_BTHPN = window_state_difference(h_BTHPN, a_BTH, window, initial_state)
   H, G = x_BTHP.shape[2], B_BTGN.shape[2]
   C_BTHN = jnp.repeat(C_BTGN.astype(f), H // G, axis=2)

@@ -27,15 +27,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ssd_chunked", "ssd_sequential", "ssd_step", "segsum", "normalize_state"]
+__all__ = [
+  "check_shapes",
+  "compute_dtype",
+  "log_decay",
+  "normalize_state",
+  "segsum",
+  "ssd_chunked",
+  "ssd_sequential",
+  "ssd_step",
+]
 
 
-def _compute_dtype(x: jax.Array) -> jnp.dtype:
+def compute_dtype(x: jax.Array) -> jnp.dtype:
   """float32, or float64 when the inputs are float64 (state accumulation dtype)."""
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN) -> tuple[int, int]:
+def check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN) -> tuple[int, int]:
   """Validates SSD input shapes; returns (G groups, R = H // G heads per group)."""
   if x_BTHP.ndim != 4:
     raise ValueError(f"ssd expects x [B,T,H,P]; got shape {x_BTHP.shape}")
@@ -84,7 +93,7 @@ def segsum(a_XL: jax.Array) -> jax.Array:
   return jnp.where(jnp.tril(jnp.ones((L, L), bool)), sums_XLL, -jnp.inf)
 
 
-def _log_decay(dt_BTH, A_H, reset_BT, dtype) -> jax.Array:
+def log_decay(dt_BTH, A_H, reset_BT, dtype) -> jax.Array:
   """log α_t = Δ_t·A, and −inf where the incoming state is reset."""
   a_BTH = dt_BTH.astype(dtype) * A_H.astype(dtype)
   if reset_BT is not None:
@@ -120,15 +129,15 @@ def ssd_chunked(
   Returns:
     y_BTHP (float32, or float64 for float64 inputs), and h_BHPN if return_final_state.
   """
-  G, R = _check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN)
+  G, R = check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN)
   if chunk < 1:
     raise ValueError(f"ssd_chunked chunk={chunk} must be a positive integer")
   Bsz, T, H, P = x_BTHP.shape
   N = B_BTGN.shape[-1]
-  f = _compute_dtype(x_BTHP)
+  f = compute_dtype(x_BTHP)
   # Δ folded into X and A, not into B (Listing 1's calling convention).
   xdt_BTHP = x_BTHP.astype(f) * dt_BTH.astype(f)[..., None]
-  a_BTH = _log_decay(dt_BTH, A_H, reset_BT, f)
+  a_BTH = log_decay(dt_BTH, A_H, reset_BT, f)
   Bm_BTGN, Cm_BTGN = B_BTGN.astype(f), C_BTGN.astype(f)
 
   nc = -(-T // chunk)
@@ -209,7 +218,7 @@ def ssd_step(
       f"ssd_step needs B, C [B,G,N] of one shape with H={H} a multiple of G; got B "
       f"{B_BGN.shape}, C {C_BGN.shape}"
     )
-  f = jnp.promote_types(_compute_dtype(x_BHP), h_BHPN.dtype)
+  f = jnp.promote_types(compute_dtype(x_BHP), h_BHPN.dtype)
   dt_BH = dt_BH.astype(f)
   B_BHN = jnp.repeat(B_BGN.astype(f), H // G, axis=1)
   C_BHN = jnp.repeat(C_BGN.astype(f), H // G, axis=1)
@@ -241,10 +250,10 @@ def ssd_sequential(
   Chen et al. 2024, §5.2), which only the recurrent form can apply.
   """
   del chunk
-  _check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN)
+  check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN)
   Bsz, T, H, P = x_BTHP.shape
   N = B_BTGN.shape[-1]
-  f = _compute_dtype(x_BTHP)
+  f = compute_dtype(x_BTHP)
   h_BHPN = jnp.zeros((Bsz, H, P, N), f) if initial_state is None else initial_state.astype(f)
   if h_BHPN.shape != (Bsz, H, P, N):
     raise ValueError(

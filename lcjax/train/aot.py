@@ -15,18 +15,21 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
+from jax.experimental import topologies
 
 from lcjax.config import ConfigError
-from lcjax.models import build_model
 from lcjax.parallel.mesh import make_mesh
-from lcjax.parallel.sharding import batch_sharding, tree_shardings
-from lcjax.train.config import model_config_for_run, validate_config
-from lcjax.train.optim import make_optimizer
-from lcjax.train.step import init_state, make_train_step
+from lcjax.parallel.sharding import tree_shardings
+from lcjax.train.config import validate_config
+from lcjax.train.run_model import abstract_setup, batch_spec, run_train_step
 
-__all__ = ["compile_train_step", "HBM_BYTES", "topology_devices"]
+__all__ = [
+  "compile_train_step",
+  "format_report",
+  "lower_train_step",
+  "HBM_BYTES",
+  "topology_devices",
+]
 
 GiB = 2**30
 # HBM per chip (vendor figures), by the device_kind prefix the topology reports.
@@ -43,8 +46,6 @@ HBM_BYTES = {
 def topology_devices(topology: str):
   """TPU devices of a topology such as 'v5p:4x4x4' (needs libtpu; no TPU hardware)."""
   try:
-    from jax.experimental import topologies
-
     return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
   except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown topology name
     raise ConfigError(
@@ -60,45 +61,24 @@ def _hbm(device) -> int | None:
   return None
 
 
-def compile_train_step(config, topology: str | None = None, *, devices=None) -> dict[str, Any]:
-  """Compiles `config`'s train step for `topology` (or `devices`); returns memory and FLOPs.
+def lower_train_step(config, devices):
+  """(compiled train step, RunSetup, mesh) of `config` on `devices` (real or a topology's).
 
-  Raises ConfigError when the per-device total exceeds the chip's HBM.
+  The state and batch are ShapeDtypeStructs carrying the run's shardings (parameters by
+  the path rules, rows over ('data', 'fsdp'), the sequence over 'context'), so nothing
+  is allocated. Raises ConfigError when XLA reports that the step does not fit.
   """
-  if devices is None:
-    devices = topology_devices(topology)
   validate_config(config, num_devices=len(devices))
   mesh = make_mesh(config.mesh, devices=devices)
-  model_cfg = model_config_for_run(config)
-  abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, params = nnx.split(abstract_model, nnx.Param)
-  tx, schedule = make_optimizer(config.train, nnx.to_pure_dict(params))
-  abstract_state = jax.eval_shape(
-    lambda: init_state(build_model(model_cfg, rngs=nnx.Rngs(0)), tx, 0)
-  )
-  shardings = tree_shardings(abstract_state, mesh)
+  setup = abstract_setup(config)
+  shardings = tree_shardings(setup.state, mesh)
   state = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), setup.state, shardings
   )
-  rows, seq_len = config.train.batch_size, config.data.seq_len
-  spec = batch_sharding(mesh)
-  batch = {
-    k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=spec)
-    for k in ("tokens", "targets", "segment_ids", "positions")
-  }
-  batch["loss_weights"] = jax.ShapeDtypeStruct((rows, seq_len), jnp.float32, sharding=spec)
-  if mesh.shape["context"] > 1:
-    batch["token_index"] = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=spec)
-  step = make_train_step(
-    graphdef,
-    tx,
-    schedule,
-    grad_accum=config.train.grad_accum,
-    loss_chunk=config.train.loss_chunk,
-  )
+  step = run_train_step(config, setup)
   with jax.set_mesh(mesh):
     try:
-      compiled = step.lower(state, batch).compile()
+      compiled = step.lower(state, batch_spec(config, mesh)).compile()
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -107,6 +87,18 @@ def compile_train_step(config, topology: str | None = None, *, devices=None) -> 
         f"the train step does not fit a {devices[0].device_kind} ({detail}); raise mesh.fsdp or "
         "mesh.context, set model.remat=full, or lower train.batch_size"
       ) from None
+  return compiled, setup, mesh
+
+
+def compile_train_step(config, topology: str | None = None, *, devices=None) -> dict[str, Any]:
+  """Compiles `config`'s train step for `topology` (or `devices`); returns memory and FLOPs.
+
+  Raises ConfigError when the per-device total exceeds the chip's HBM.
+  """
+  if devices is None:
+    devices = topology_devices(topology)
+  compiled, setup, mesh = lower_train_step(config, devices)
+  rows, seq_len = config.train.batch_size, config.data.seq_len
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -122,7 +114,7 @@ def compile_train_step(config, topology: str | None = None, *, devices=None) -> 
     device_kind=devices[0].device_kind,
     devices=len(devices),
     mesh=dict(mesh.shape),
-    n_params=sum(x.size for x in jax.tree.leaves(params)),
+    n_params=setup.n_params,
     tokens_per_step=rows * seq_len,
     argument_bytes=mem.argument_size_in_bytes,
     output_bytes=mem.output_size_in_bytes,

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 __all__ = ["Checkpointer"]
@@ -75,6 +76,32 @@ class Checkpointer:
         continue
       return step, restored["state"], restored["data"]
     return None
+
+  def restore_params(self, abstract_params: Any, *, step: int | None = None) -> tuple[int, Any]:
+    """(step, params) of checkpoint `step` (default the newest), without the optimizer state.
+
+    Only the `params` subtree of `state` is read (orbax partial restore), placed on the
+    first local device: what evaluation and export need, for any optimizer.
+    """
+    step = self.steps()[-1] if step is None else step
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {
+      "params": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params
+      )
+    }
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True,
+        ),
+        data=ocp.args.JsonRestore(),
+      ),
+    )
+    return step, restored["state"]["params"]
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -1,27 +1,36 @@
 """The config skeleton every experiment shares, and its validation before tracing.
 
-Sections (DESIGN.md "Config skeleton"): model, data, train, checkpoint, eval,
-mesh, parallel, attention, init_from. `configs/NAME.py` start from
-`base_config()` and change what they need.
+Sections: model, data, train, checkpoint, eval, mesh, parallel, attention, init_from,
+model_overrides (the README's config table lists their fields). `configs/NAME.py` start
+from `base_config()` and change what they need. Every setting has one home: the
+attention implementation and block sizes live in `attention`, the context-parallel
+strategy in `parallel`, so a run's `model` section has no copy of them
+(`lcjax.train.run_model.model_config_for_run` fills them in when the model is built).
 """
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
-from lcjax.config import require
+from lcjax.config import ConfigError, require
+from lcjax.data import default_data_config, validate_data_config
 from lcjax.models import validate_model
-from lcjax.models.config import llama_config
+from lcjax.models.config import head_dim, llama_config
 from lcjax.parallel.mesh import validate_parallel_config
+from lcjax.positional.rope import validate_rope_parameters
+from lcjax.train.run_model import RUNTIME_MODEL_FIELDS, model_config_for_run
 
-__all__ = ["base_config", "validate_config", "model_config_for_run"]
+__all__ = ["base_config", "validate_config"]
 
 
 def base_config() -> ml_collections.ConfigDict:
-  from lcjax.data import default_data_config
-
+  """The full default run config; every field a config file or the command line may set."""
   c = ml_collections.ConfigDict()
   c.model = llama_config()
+  for key in RUNTIME_MODEL_FIELDS:  # their home is c.attention / c.parallel
+    del c.model[key]
   c.data = default_data_config()
   c.train = dict(
     steps=1000,
@@ -61,40 +70,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def model_config_for_run(config, hf_model_config=None):
-  """The model config a run builds: config.model, or the checkpoint's plus model_overrides.
-
-  The attention section (impl, block sizes) and the context strategy always come from
-  config.attention / config.parallel, for families that have attention.
-  """
-  cfg = (
-    hf_model_config if hf_model_config is not None else config.model
-  ).copy_and_resolve_references()
-  if hf_model_config is not None:
-    for key, value in config.model_overrides.items():
-      require(key in cfg, f"model_overrides.{key} is not a model field; known: {sorted(cfg)}")
-      cfg[key] = value
-  runtime = dict(
-    attention_impl=config.attention.impl,
-    attention_block_q=config.attention.block_q,
-    attention_block_kv=config.attention.block_kv,
-    context_strategy=config.parallel.context_strategy,
-  )
-  for key, value in runtime.items():
-    if key in cfg:  # families without attention (mamba2) have none of these
-      cfg[key] = value
-  return cfg
-
-
 def validate_config(config, *, num_devices: int | None = None) -> None:
   """Raises ConfigError (one sentence: field and fix) before anything is traced.
 
   `num_devices`: the devices the mesh will span (default: all visible devices).
   """
-  from lcjax.data import validate_data_config
-
+  model_cfg = None
   if config.init_from is None:
-    validate_model(model_config_for_run(config))
+    model_cfg = model_config_for_run(config)
+    validate_model(model_cfg)
+  _validate_rope_variants(config.eval.rope_variants, model_cfg)
   validate_data_config(config.data)
   t = config.train
   for name in ("steps", "batch_size", "grad_accum", "loss_chunk", "log_every"):
@@ -113,9 +98,18 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     num_devices=num_devices,
   )
   if config.init_from is not None:
-    import os
-
     require(
       os.path.isdir(config.init_from),
       f"init_from={config.init_from!r} is not a folder; point it at a Hugging Face checkpoint",
     )
+
+
+def _validate_rope_variants(variants, model_cfg) -> None:
+  """Each `eval.rope_variants` entry is a valid rope dict (checked now, not after training)."""
+  dim = head_dim(model_cfg) if model_cfg is not None and "num_heads" in model_cfg else None
+  for name, rope in variants.items():
+    rope = rope.to_dict() if hasattr(rope, "to_dict") else dict(rope)
+    try:
+      validate_rope_parameters(rope, head_dim=dim)
+    except ValueError as e:
+      raise ConfigError(f"eval.rope_variants.{name}: {e}") from None

@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from flax import nnx
-
+from lcjax import data as lcdata
 from lcjax.eval import (
   passkey_accuracy,
   perplexity_vs_length,
@@ -21,29 +20,15 @@ from lcjax.eval import (
   plot_ppl_vs_length,
   write_json,
 )
-from lcjax.models import build_model
 from lcjax.train.metrics import MetricsWriter, read_metrics
+from lcjax.train.run_model import load_run_params, model_from_params
 
 __all__ = [
   "final_evaluations",
-  "model_with_rope",
   "format_ppl_table",
   "load_trained",
   "evaluate_workdir",
 ]
-
-
-def model_with_rope(params, model_cfg, rope: dict | None):
-  """The model with `params` and, if given, another `rope` dict (same parameters)."""
-  cfg = model_cfg.copy_and_resolve_references()
-  if rope is not None and "rope" not in cfg:
-    raise ValueError(f"model.family={cfg.family!r} has no RoPE to swap")
-  if rope is not None:
-    cfg.rope = dict(rope)
-    if "max_position_embeddings" in rope:
-      cfg.max_position_embeddings = rope["max_position_embeddings"]
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-  return nnx.merge(graphdef, params)
 
 
 def format_ppl_table(results: dict[str, list[dict]], train_len: int) -> str:
@@ -58,8 +43,6 @@ def format_ppl_table(results: dict[str, list[dict]], train_len: int) -> str:
 
 def final_evaluations(config, workdir, params, model_cfg, step) -> dict[str, Any]:
   """Runs the configured evaluations on `params`; returns what it wrote."""
-  from lcjax import data as lcdata
-
   out: dict[str, Any] = {}
   ev = config.eval
   lines: dict[str, float] = {}
@@ -70,7 +53,7 @@ def final_evaluations(config, workdir, params, model_cfg, step) -> dict[str, Any
       variants.update({k: dict(v) for k, v in ev.rope_variants.items()})
     results = {}
     for name, rope in variants.items():
-      model = model_with_rope(params, model_cfg, rope)
+      model = model_from_params(params, model_cfg, rope)
       results[name] = perplexity_vs_length(
         model,
         docs,
@@ -89,7 +72,7 @@ def final_evaluations(config, workdir, params, model_cfg, step) -> dict[str, Any
     out["ppl_vs_length"] = results
   if ev.passkey.enabled:
     tokenizer = lcdata.build_tokenizer(config.data.tokenizer)
-    model = model_with_rope(params, model_cfg, None)
+    model = model_from_params(params, model_cfg, None)
     result = passkey_accuracy(
       model,
       tokenizer,
@@ -118,26 +101,12 @@ def final_evaluations(config, workdir, params, model_cfg, step) -> dict[str, Any
   return out
 
 
-def load_trained(config, workdir: str):
-  """(params, model_config, step) of the newest complete checkpoint in `workdir`."""
-  import jax
+def load_trained(config, workdir: str, *, step: int | None = None):
+  """(params, model_config, step) of the newest complete checkpoint in `workdir` (or `step`).
 
-  from lcjax.train.checkpoint import Checkpointer
-  from lcjax.train.loop import build_run_model
-  from lcjax.train.optim import make_optimizer
-  from lcjax.train.step import init_state
-
-  model, model_cfg = build_run_model(config)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  tx, _ = make_optimizer(config.train, params)
-  abstract = jax.eval_shape(lambda: init_state(model, tx, config.train.seed))
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-  restored = checkpointer.restore_latest(abstract)
-  checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints has no complete checkpoint to evaluate")
-  step, state, _ = restored
-  return state["params"], model_cfg, step
+  The attention settings come from `config` (e.g. evaluate with another impl).
+  """
+  return load_run_params(workdir, step=step, config=config)
 
 
 def evaluate_workdir(config, workdir: str) -> dict[str, Any]:

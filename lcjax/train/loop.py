@@ -20,40 +20,34 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lcjax.models import build_model
+from lcjax import data as lcdata
+from lcjax.interop.native import write_model_config
 from lcjax.parallel.distributed import gather_json, process_local_to_global
 from lcjax.parallel.layouts import apply_layout
 from lcjax.parallel.mesh import make_mesh
 from lcjax.parallel.sharding import batch_sharding, tree_shardings
 from lcjax.train.checkpoint import Checkpointer
-from lcjax.train.config import model_config_for_run, validate_config
+from lcjax.train.config import validate_config
+from lcjax.train.evaluate import final_evaluations
 from lcjax.train.flops import flops_per_token, peak_flops
 from lcjax.train.metrics import MetricsWriter
 from lcjax.train.optim import make_optimizer
 from lcjax.train.progress import Progress
-from lcjax.train.step import BATCH_KEYS, init_state, make_eval_step, make_train_step
+from lcjax.train.run_model import (
+  BATCH_KEYS,
+  RunSetup,
+  build_run_model,
+  run_train_step,
+)
+from lcjax.train.step import init_state, make_eval_step
 
-__all__ = ["train", "build_run_model", "TrainingDiverged"]
+__all__ = ["train", "TrainingDiverged"]
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or inf; the last good checkpoint is left as it was."""
-
-
-def build_run_model(config, *, seed: int | None = None):
-  """(model, model_config) for a run: from `init_from` or random with `train.seed`."""
-  if config.init_from is None:
-    cfg = model_config_for_run(config)
-    return build_model(cfg, rngs=nnx.Rngs(config.train.seed if seed is None else seed)), cfg
-  from lcjax.interop.hf import load_pretrained
-
-  loaded, hf_cfg = load_pretrained(config.init_from)
-  cfg = model_config_for_run(config, hf_cfg)
-  # Same weights in a graph rebuilt with the run's fields (attention impl, rope overrides).
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
-  return nnx.merge(graphdef, nnx.state(loaded, nnx.Param)), cfg
 
 
 class _NullWriter:
@@ -101,20 +95,20 @@ def _write_config(config, workdir: str) -> None:
 def train(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
   validate_config(config)
-  from lcjax import data as lcdata
-
   mesh = make_mesh(config.mesh)
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0  # only process 0 writes run outputs
-  if primary:
-    _write_config(config, workdir)
 
   model, model_cfg = build_run_model(config)
+  if primary:
+    _write_config(config, workdir)
+    write_model_config(model_cfg, workdir)
   graphdef, _ = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   tx, schedule = make_optimizer(config.train, params)
   state = init_state(model, tx, config.train.seed)
+  setup = RunSetup(model_cfg, graphdef, tx, schedule, jax.tree.map(_abstract, state), n_params)
   del model
 
   checkpointer = Checkpointer(
@@ -129,7 +123,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  restored = checkpointer.restore_latest(jax.tree.map(_abstract, state))
+  restored = checkpointer.restore_latest(setup.state)
   start_step = 0
   if restored is not None:
     start_step, state, data_states = restored
@@ -141,13 +135,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   # sequence over context (in the layout's order).
   state = jax.device_put(state, tree_shardings(state, mesh))
   prepare = _batch_preparer(mesh, config.parallel.layout)
-  train_step = make_train_step(
-    graphdef,
-    tx,
-    schedule,
-    grad_accum=config.train.grad_accum,
-    loss_chunk=config.train.loss_chunk,
-  )
+  train_step = run_train_step(config, setup)
   eval_step = make_eval_step(graphdef, loss_chunk=config.train.loss_chunk)
   seq_len = config.data.seq_len
   fpt = flops_per_token(model_cfg, n_params, seq_len)
@@ -204,8 +192,6 @@ def train(config, workdir: str) -> dict[str, Any]:
     if primary:
       print("multi-process run: evaluate with `python scripts/eval.py` in one process")
   elif step >= config.train.steps:
-    from lcjax.train.evaluate import final_evaluations
-
     final_evaluations(config, workdir, state["params"], model_cfg, step)
   return last
 
@@ -243,8 +229,6 @@ def _batch_preparer(mesh, layout: str):
 
 def _validation_loss(config, eval_step, prepare, params) -> dict[str, float]:
   """Mean loss over `eval.batches` packed batches of the validation split."""
-  from lcjax import data as lcdata
-
   data = config.data.copy_and_resolve_references()
   data.split = "validation"
   it = lcdata.make_train_iterator(

@@ -11,6 +11,8 @@ import math
 import os
 from typing import Any
 
+from tensorboardX import SummaryWriter
+
 __all__ = ["MetricsWriter", "read_metrics"]
 
 
@@ -50,8 +52,6 @@ class MetricsWriter:
     self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter
-
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:

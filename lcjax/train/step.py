@@ -16,9 +16,7 @@ from flax import nnx
 
 from lcjax.train.loss import chunked_cross_entropy
 
-__all__ = ["init_state", "make_train_step", "make_eval_step", "BATCH_KEYS"]
-
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_weights")
+__all__ = ["init_state", "make_train_step", "make_eval_step"]
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
