@@ -17,11 +17,15 @@ install: $(VENV)/.installed
 quickstart: install
 	$(PY) scripts/train.py --config configs/quickstart.py --workdir runs/quickstart
 
+# 3 workers on 2 cores: XLA compiles on one thread and tests wait on subprocesses, so a
+# third worker fills the idle time; worksteal keeps the long tests from ending alone.
+PYTEST_WORKERS ?= -n 3 --dist worksteal
+
 test: install
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q $(PYTEST_WORKERS)
 
 test-slow: install
-	$(PY) -m pytest -q -n 2 -m slow
+	$(PY) -m pytest -q $(PYTEST_WORKERS) -m slow
 
 lint: install
 	$(VENV)/bin/ruff check .

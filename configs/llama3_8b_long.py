@@ -1,10 +1,14 @@
 """Llama-3-8B continual pretraining at long context with context parallelism (ABF-style).
 
-On a pod (checkpoint from Hugging Face, your tokenized data):
-  python scripts/train.py --config configs/llama3_8b_long.py --workdir gs://BUCKET/run \
-      --config.init_from=/models/Meta-Llama-3-8B --config.data.tokenizer.kind=hf \
-      --config.data.tokenizer.path=/models/Meta-Llama-3-8B \
+On a pod (checkpoint and tokenizer from a Hugging Face folder, your data):
+  python scripts/train.py \
+      --config configs/llama3_8b_long.py:init_from=/models/Meta-Llama-3-8B \
+      --workdir gs://BUCKET/run \
       --config.data.source.kind=jsonl --config.data.source.path='/data/*.jsonl.gz'
+`init_from=` starts from the checkpoint with this config's RoPE (ABF) and max length as
+`model_overrides` (with init_from the architecture is the checkpoint's; a model field
+set here that the checkpoint does not have is an error, never silently dropped), and
+reads the checkpoint folder's tokenizer.
 Check that it fits before paying for it (CPU host with libtpu, no TPU needed):
   python scripts/train.py --config configs/llama3_8b_long.py --workdir /tmp/aot \
       --compile_only --topology v5p:4x4x4
@@ -12,7 +16,8 @@ Shrunk for a laptop CPU (same code path, 8 fake devices for the mesh):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
   python scripts/train.py --config configs/llama3_8b_long.py:runlocal --workdir /tmp/l3
 Arguments: seq_len (default 131072), context (mesh.context, default 8), fsdp (default 8),
-rope_theta (default 8e6: ABF base for 128K, Xiong et al. 2023), runlocal.
+rope_theta (default 8e6: ABF base for 128K, Xiong et al. 2023), init_from (a Hugging
+Face folder), runlocal.
 """
 
 from lcjax.config import parse_arg
@@ -20,7 +25,9 @@ from lcjax.train.config import base_config
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, seq_len=131072, context=8, fsdp=8, rope_theta=8e6, runlocal=False)
+  arg = parse_arg(
+    arg, seq_len=131072, context=8, fsdp=8, rope_theta=8e6, init_from="", runlocal=False
+  )
   c = base_config()
   T = arg.seq_len
   c.model.update(
@@ -38,8 +45,7 @@ def get_config(arg=None):
     remat="full",
   )
   c.data.update(seq_len=T, position_scheme="per_document")
-  # The byte tokenizer by default; with a real checkpoint set data.tokenizer.kind=hf and
-  # data.tokenizer.path to its folder.
+  # The byte tokenizer by default; `init_from=` switches to the checkpoint's tokenizer.
   c.attention.update(block_q=512, block_kv=512)
   c.mesh.update(data=1, fsdp=arg.fsdp, tensor=1, context=arg.context)
   c.parallel.update(context_strategy="ring", layout="zigzag")
@@ -74,4 +80,8 @@ def get_config(arg=None):
     c.train.update(steps=20, batch_size=2, warmup_steps=2, loss_chunk=256, lr=1e-3)
     c.checkpoint.every_steps = 10
     c.eval.update(ppl_lengths=(T, 2 * T), ppl_max_documents=2)
+  if arg.init_from:
+    c.init_from = arg.init_from
+    c.model_overrides = dict(rope=c.model.rope.to_dict(), max_position_embeddings=T)
+    c.data.tokenizer.update(kind="hf", path=arg.init_from)
   return c

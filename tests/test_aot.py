@@ -15,6 +15,9 @@ def _quickstart(arg):
   return load_config(f"configs/quickstart.py:{arg}")
 
 
+# `make test` compiles the README's pod command (fsdp 8 x context 8 ring on v5p:4x4x4, a
+# tiny model) in tests/test_readme_commands.py; this checks the report's fields.
+@pytest.mark.slow
 def test_ring_attention_train_step_compiles_for_v5p():
   c = _quickstart("tiny")
   c.mesh.update(data=1, context=8)

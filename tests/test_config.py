@@ -145,3 +145,35 @@ def test_llama_lm_is_a_deprecated_alias_of_decoder_lm():
   with pytest.warns(DeprecationWarning, match="LlamaLM is now DecoderLM"):
     alias = models.LlamaLM
   assert alias is models.DecoderLM
+
+
+def test_init_from_takes_the_architecture_from_the_checkpoint_and_training_fields_from_the_config(
+  caplog,
+):
+  """With init_from: remat/dtype from config.model, architecture from the checkpoint (each
+  replaced field named in a warning), model_overrides on top; overrides need init_from."""
+  from lcjax.models import llama_config
+  from lcjax.train.run_model import model_config_for_run
+
+  checkpoint = llama_config(
+    d_model=64, num_layers=3, rope=dict(rope_type="default", rope_theta=5e5)
+  )
+  config = load_config(
+    "configs/quickstart.py:tiny",
+    {
+      "model.remat": "full",
+      "init_from": "/ckpt",
+      "model_overrides": {"rope": {"rope_type": "abf", "rope_theta": 8e6}},
+    },
+  )
+  with caplog.at_level("WARNING"):
+    cfg = model_config_for_run(config, checkpoint)
+  assert (cfg.d_model, cfg.num_layers, cfg.remat, cfg.dtype) == (64, 3, "full", "float32")
+  assert cfg.rope.rope_type == "abf" and cfg.rope.rope_theta == 8e6
+  assert (
+    "replaces config.model's" in caplog.text and "d_model=64 (checkpoint: 64)" not in caplog.text
+  )
+  assert "mlp_dim=176 (checkpoint: 352)" in caplog.text
+  config = load_config("configs/quickstart.py:tiny", {"model_overrides": {"remat": "full"}})
+  with pytest.raises(ConfigError, match="model_overrides=.* applies to an init_from checkpoint"):
+    model_config_for_run(config)

@@ -4,6 +4,7 @@ import importlib.util
 import os
 
 import numpy as np
+import pytest
 from hf_fixtures import ROPE_CASES, hf_config, hf_logits, hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +17,10 @@ def _convert_main():
   return module.main
 
 
+# `make test` runs the README's two convert commands with --verify (logits against
+# transformers both ways) in tests/test_readme_commands.py; this is the same round trip
+# with a YaRN Qwen2 and an exact logits check after it.
+@pytest.mark.slow
 def test_round_trip_through_lcjax_params(tmp_path, capsys):
   main = _convert_main()
   torch_model = hf_model(hf_config("qwen2", ROPE_CASES["yarn"]))

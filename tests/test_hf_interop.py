@@ -28,6 +28,12 @@ from lcjax.models.config import head_dim
 ATOL = 1e-4
 
 
+@nnx.jit
+def _logits(model, tokens):
+  """The forward as one compiled program (eagerly it compiles op by op)."""
+  return model(tokens)
+
+
 def _tokens(seed=0, shape=(2, 64)):
   return np.random.default_rng(seed).integers(0, 128, size=shape)
 
@@ -58,7 +64,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path, model_type, rope_name):
   loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
   assert type(loaded).__name__ == type(torch_model).__name__
   tokens = _tokens(seed=1)
-  want = np.asarray(model(tokens))
+  want = np.asarray(_logits(model, tokens))
   loaded.config._attn_implementation = "eager"
   np.testing.assert_allclose(hf_logits(loaded, tokens), want, atol=ATOL, rtol=0)
 
@@ -94,7 +100,7 @@ def test_head_dim_not_hidden_over_heads_round_trips(tmp_path, model_type):
 
   model, cfg = load_pretrained(str(tmp_path / "hf"))
   assert head_dim(cfg) == ODD_HEAD_DIM
-  np.testing.assert_allclose(np.asarray(model(tokens)), want, atol=ATOL, rtol=0)
+  np.testing.assert_allclose(np.asarray(_logits(model, tokens)), want, atol=ATOL, rtol=0)
 
   save_pretrained(model, cfg, str(tmp_path / "out"))
   assert json.loads((tmp_path / "out" / "config.json").read_text())["head_dim"] == ODD_HEAD_DIM
@@ -111,13 +117,17 @@ def test_sharded_checkpoint_and_tied_embeddings(tmp_path):
   model, cfg = load_pretrained(str(tmp_path))
   assert cfg.tie_embeddings
   tokens = _tokens()
-  np.testing.assert_allclose(np.asarray(model(tokens)), hf_logits(torch_model, tokens), atol=ATOL)
+  np.testing.assert_allclose(
+    np.asarray(_logits(model, tokens)), hf_logits(torch_model, tokens), atol=ATOL
+  )
 
   # lcjax writes shards too, and a re-save as one file removes the old shards.
   save_pretrained(model, cfg, str(tmp_path / "re"), max_shard_bytes=40_000)
   assert os.path.exists(tmp_path / "re" / "model.safetensors.index.json")
   again, _ = load_pretrained(str(tmp_path / "re"))
-  np.testing.assert_array_equal(np.asarray(again(tokens)), np.asarray(model(tokens)))
+  np.testing.assert_array_equal(
+    np.asarray(_logits(again, tokens)), np.asarray(_logits(model, tokens))
+  )
   save_pretrained(model, cfg, str(tmp_path / "re"))
   assert sorted(os.listdir(tmp_path / "re")) == ["config.json", "model.safetensors"]
 

@@ -17,10 +17,17 @@ def _model(seed=0, **overrides):
   return build_model(cfg, rngs=nnx.Rngs(seed)), cfg
 
 
+@nnx.jit
+def _logits(model, tokens, positions=None, segment_ids=None, token_index=None):
+  """The forward pass as one compiled program (called eagerly it compiles op by op,
+  which made most of this file's time)."""
+  return model(tokens, positions=positions, segment_ids=segment_ids, token_index=token_index)
+
+
 def test_forward_shapes_and_dtypes():
   model, cfg = _model()
   tokens = jnp.zeros((2, 16), jnp.int32)
-  logits = model(tokens)
+  logits = _logits(model, tokens)
   assert logits.shape == (2, 16, cfg.vocab_size) and logits.dtype == jnp.float32
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(p.dtype == jnp.float32 for p in params)
@@ -28,12 +35,12 @@ def test_forward_shapes_and_dtypes():
 
 def test_bfloat16_compute_keeps_float32_params():
   model, _ = _model(dtype="bfloat16")
-  logits = model(jnp.ones((1, 8), jnp.int32))
+  logits = _logits(model, jnp.ones((1, 8), jnp.int32))
   assert model.embed_tokens.embedding[...].dtype == jnp.float32
   assert logits.dtype == jnp.float32
   ref, _ = _model(dtype="float32")
   # bf16 has 8 mantissa bits: ~1e-2 relative error per op, a few ops deep.
-  np.testing.assert_allclose(logits, ref(jnp.ones((1, 8), jnp.int32)), atol=5e-2)
+  np.testing.assert_allclose(logits, _logits(ref, jnp.ones((1, 8), jnp.int32)), atol=5e-2)
 
 
 @pytest.mark.parametrize(
@@ -48,12 +55,12 @@ def test_packed_documents_equal_separate_documents(impl):
   packed = np.concatenate([doc_a, doc_b])[None]
   segment_ids = np.array([[1] * 11 + [2] * 13])
   positions = np.array([list(range(11)) + list(range(13))])
-  logits = model(packed, positions=positions, segment_ids=segment_ids)
-  np.testing.assert_allclose(logits[0, :11], model(doc_a[None])[0], atol=1e-5)
-  np.testing.assert_allclose(logits[0, 11:], model(doc_b[None])[0], atol=1e-5)
+  logits = _logits(model, packed, positions=positions, segment_ids=segment_ids)
+  np.testing.assert_allclose(logits[0, :11], _logits(model, doc_a[None])[0], atol=1e-5)
+  np.testing.assert_allclose(logits[0, 11:], _logits(model, doc_b[None])[0], atol=1e-5)
   # Without the document mask, doc_b would see doc_a: the check above can fail.
-  leaky = model(packed, positions=positions)
-  assert np.max(np.abs(leaky[0, 11:] - model(doc_b[None])[0])) > 1e-3
+  leaky = _logits(model, packed, positions=positions)
+  assert np.max(np.abs(leaky[0, 11:] - _logits(model, doc_b[None])[0])) > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -81,7 +88,7 @@ def test_greedy_generate_equals_full_forward_argmax(overrides):
   np.testing.assert_array_equal(out[:, :7], prompt)
   # Causal: the full forward's logits at t-1 see exactly the tokens the decoder
   # had when it chose token t, so one pass checks every step.
-  want = np.argmax(np.asarray(model(out[:, :-1])), axis=-1)[:, 6:]
+  want = np.argmax(np.asarray(_logits(model, out[:, :-1])), axis=-1)[:, 6:]
   np.testing.assert_array_equal(out[:, 7:], want)
 
 
@@ -130,7 +137,7 @@ def test_remat_policies_give_identical_gradients():
     def loss(p, graphdef=graphdef):
       return jnp.mean(nnx.merge(graphdef, p)(tokens, segment_ids=segments) ** 2)
 
-    grads[policy] = jax.grad(loss)(params)
+    grads[policy] = jax.jit(jax.grad(loss))(params)
   for policy in ("full", "dots"):
     jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
@@ -154,18 +161,21 @@ def test_permuted_rows_with_token_index_give_permuted_logits():
   tokens = rng.integers(0, 384, size=(2, T))
   segment_ids = np.array([[1] * 7 + [2] * 9, [1] * 12 + [2] * 4])
   positions = np.concatenate([np.arange(7), np.arange(9)])[None].repeat(2, 0)
-  want = model(tokens, positions=positions, segment_ids=segment_ids)
+  want = _logits(model, tokens, positions=positions, segment_ids=segment_ids)
   # zigzag over 4 devices: chunks (0, 7), (1, 6), (2, 5), (3, 4) of length 2
   chunks = np.arange(T).reshape(8, 2)
   perm = np.concatenate([chunks[[r, 7 - r]].ravel() for r in range(4)])
-  got = model(
+  got = _logits(
+    model,
     tokens[:, perm],
     positions=positions[:, perm],
     segment_ids=segment_ids[:, perm],
     token_index=np.broadcast_to(perm, (2, T)),
   )
   np.testing.assert_allclose(got, want[:, perm], atol=1e-5)
-  wrong = model(tokens[:, perm], positions=positions[:, perm], segment_ids=segment_ids[:, perm])
+  wrong = _logits(
+    model, tokens[:, perm], positions=positions[:, perm], segment_ids=segment_ids[:, perm]
+  )
   assert np.max(np.abs(wrong - want[:, perm])) > 1e-3  # without token_index, masks break
 
 
@@ -246,12 +256,12 @@ def test_longgen_hybrid_model_equals_per_layer_masks(impl, kind):
   blocks = dict(attention_block_q=8, attention_block_kv=8)
   model, _ = _model(attention_impl=impl, initializer_range=0.1, **hybrid, **blocks)
   tokens = np.random.default_rng(1).integers(0, 384, size=(2, 20))
-  got = model(tokens)
+  got = _logits(model, tokens)
   want = _manual_logits(model, tokens, [sparse, MaskSpec(causal=True), sparse])
   np.testing.assert_allclose(got, want, atol=1e-5)
   # The sparse mask matters: with an all-full stack (same parameters) the logits differ.
   dense, _ = _model(initializer_range=0.1, **{**hybrid, "layer_types": None}, **blocks)
-  assert np.max(np.abs(dense(tokens) - got)) > 1e-3
+  assert np.max(np.abs(_logits(dense, tokens) - got)) > 1e-3
 
 
 def test_window_changes_only_the_sparse_layers():
@@ -261,9 +271,9 @@ def test_window_changes_only_the_sparse_layers():
   kw = dict(num_layers=3, initializer_range=0.1)
   dense, _ = _model(**kw)
   wide, _ = _model(**kw, layer_types=longgen_layer_types(3), sparse_window=12, sparse_sinks=3)
-  np.testing.assert_allclose(wide(tokens), dense(tokens), atol=1e-5)
+  np.testing.assert_allclose(_logits(wide, tokens), _logits(dense, tokens), atol=1e-5)
   narrow, _ = _model(**kw, layer_types=longgen_layer_types(3), sparse_window=3, sparse_sinks=3)
-  assert np.max(np.abs(narrow(tokens) - dense(tokens))) > 1e-3
+  assert np.max(np.abs(_logits(narrow, tokens) - _logits(dense, tokens))) > 1e-3
   sparse = (("sinks", 3), ("window", 3))
   assert [layer.mask_fields for layer in narrow.layers] == [sparse, (), sparse]
 
@@ -317,7 +327,7 @@ def test_context_parallel_hybrid_with_pallas_ring_steps():
   reference, _ = _model(attention_impl="reference", **kw, **blocks)
   tokens = np.random.default_rng(4).integers(0, 384, size=(2, 16))
   segment_ids = np.array([[1] * 6 + [2] * 10, [1] * 16])
-  want = reference(tokens, segment_ids=segment_ids)
+  want = _logits(reference, tokens, segment_ids=segment_ids)
   with jax.set_mesh(make_mesh(dict(data=1, context=2), devices=jax.devices()[:2])):
     got = jax.jit(lambda t, s: model(t, segment_ids=s))(tokens, segment_ids)
   np.testing.assert_allclose(got, want, atol=1e-5)
@@ -340,7 +350,7 @@ def test_hybrid_attention_mamba2_stack_generates_like_its_forward():
   assert model.layers[1].mixer is not None and model.layers[1].self_attn is None
   prompt = np.random.default_rng(4).integers(0, 384, size=(2, 6))
   out = np.asarray(generate(model, prompt, max_new_tokens=7))
-  want = np.argmax(np.asarray(model(out[:, :-1])), axis=-1)[:, 5:]
+  want = np.argmax(np.asarray(_logits(model, out[:, :-1])), axis=-1)[:, 5:]
   np.testing.assert_array_equal(out[:, 6:], want)
 
 
@@ -353,8 +363,8 @@ def test_hybrid_packed_documents_equal_separate_documents():
   packed = np.concatenate([doc_a, doc_b])[None]
   segment_ids = np.array([[1] * 9 + [2] * 11])
   positions = np.array([list(range(9)) + list(range(11))])
-  logits = model(packed, positions=positions, segment_ids=segment_ids)
-  np.testing.assert_allclose(logits[0, 9:], model(doc_b[None])[0], atol=1e-4)
+  logits = _logits(model, packed, positions=positions, segment_ids=segment_ids)
+  np.testing.assert_allclose(logits[0, 9:], _logits(model, doc_b[None])[0], atol=1e-4)
   with pytest.raises(NotImplementedError, match="mesh.context=1"):
     model(packed, token_index=np.arange(20)[None])
   with pytest.raises(ValueError, match="mamba"):

@@ -65,7 +65,8 @@ def test_two_process_training_run_saves_and_resumes(tmp_path):
   env = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+    + os.environ.get("LCJAX_TEST_XLA_FLAGS", ""),
   }
 
   def run(steps):

@@ -17,7 +17,7 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, monkeypatch):
   monkeypatch.chdir(ROOT)
-  monkeypatch.setenv("LCJAX_NOTEBOOK_STEPS", "12")
+  monkeypatch.setenv("LCJAX_NOTEBOOK_STEPS", "6")
   with open(path) as f:
     cells = json.load(f)["cells"]
   namespace: dict = {"__name__": "__notebook__"}

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from lcjax.config import load_config
 from lcjax.data import build_tokenizer
@@ -40,6 +41,10 @@ def test_max_length_at_needs_every_shorter_length():
   assert max_length_at([256, 512], [0.5, 1.0]) == 0
 
 
+# The README's study command runs this same smoke study in `make test`
+# (tests/test_readme_commands.py checks it writes its JSON); this checks the outputs in
+# detail, a second end-to-end run of the same grid.
+@pytest.mark.slow
 def test_smoke_study_writes_table_json_and_plots(tmp_path):
   config = _config("smoke")
   assert tuple(_config("runlocal").study.d_states) == (4, 16, 64)

@@ -118,3 +118,47 @@ def test_freeze_by_regex_keeps_frozen_params_fixed():
   )
   with pytest.raises(ConfigError, match="every parameter"):
     make_optimizer(_tc(freeze=(r".*",)), params)
+
+
+def _records(path):
+  """The TFRecords of an event file, checking both masked CRC-32Cs of every record."""
+  import struct
+
+  from lcjax.train.tensorboard import _masked_crc
+
+  data, out, i = open(path, "rb").read(), [], 0
+  while i < len(data):
+    (length,) = struct.unpack("<Q", data[i : i + 8])
+    assert struct.unpack("<I", data[i + 8 : i + 12])[0] == _masked_crc(data[i : i + 8])
+    record = data[i + 12 : i + 12 + length]
+    assert struct.unpack("<I", data[i + 12 + length : i + 16 + length])[0] == _masked_crc(record)
+    out.append(record)
+    i += 16 + length
+  return out
+
+
+def test_tensorboard_event_files_decode_with_tensorboard_protos(tmp_path):
+  """lcjax's hand-encoded Event protos read back with tensorboardX's generated event_pb2
+  (the oracle), including the resume's purge marker; CRC-32C has its known check value."""
+  event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+  from lcjax.train.metrics import MetricsWriter
+  from lcjax.train.tensorboard import crc32c
+
+  assert crc32c(b"123456789") == 0xE3069283
+  writer = MetricsWriter(str(tmp_path), resume_step=0)
+  writer.write(1, {"loss": 2.5, "lr": 3e-4, "note": "text"})
+  writer.write(2, {"loss": 2.25, "eval/ppl@64/yarn": 11.5})
+  writer.close()
+  resumed = MetricsWriter(str(tmp_path), resume_step=1)  # the metrics.jsonl keeps step 1
+  resumed.write(2, {"loss": 2.0})
+  resumed.close()
+  first, second = sorted((tmp_path / "tensorboard").iterdir())
+  events = [event_pb2.Event.FromString(r) for r in _records(first)]
+  assert events[0].file_version == "brain.Event:2"
+  scalars = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events[1:]]
+  assert scalars[0][0] == 1 and scalars[0][1]["loss"] == 2.5
+  assert scalars[0][1]["lr"] == pytest.approx(3e-4) and "note" not in scalars[0][1]
+  assert scalars[1] == (2, {"loss": 2.25, "eval/ppl@64/yarn": 11.5})
+  events = [event_pb2.Event.FromString(r) for r in _records(second)]
+  assert events[1].step == 2 and events[1].session_log.status == event_pb2.SessionLog.START
+  assert events[2].step == 2 and events[2].summary.value[0].simple_value == 2.0

@@ -30,7 +30,7 @@ __all__ = [
 
 
 def _scores(q_BTHD, k_BSKD, inputs: MaskInputs, opts: AttentionOptions):
-  """Scaled fp32 scores s[b, kv head, g, t, s] (-inf where masked) and the dense mask.
+  """Scaled fp32 scores s[b, kv head, g, t, s], -inf where the mask hides a pair.
 
   GQA: query head h reads kv head h // G (Hugging Face `repeat_kv` order), and so does a
   per-head (strided) mask: query head h uses kv head h // G's pattern.
@@ -47,7 +47,7 @@ def _scores(q_BTHD, k_BSKD, inputs: MaskInputs, opts: AttentionOptions):
   q_BTKGD = q_BTHD.astype(jnp.float32).reshape(B, T, Hkv, G, D)
   s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(jnp.float32))
   s_BKGTS = s_BKGTS * opts.score_scale(D)
-  return jnp.where(mask_BKGTS, s_BKGTS, -jnp.inf), mask_BKGTS
+  return jnp.where(mask_BKGTS, s_BKGTS, -jnp.inf)
 
 
 def reference_fwd(q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs, opts: AttentionOptions):
@@ -57,7 +57,7 @@ def reference_fwd(q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs, opts: AttentionOpt
   """
   check_qkv(q_BTHD, k_BSKD, v_BSKD)
   B, T, Hq, D = q_BTHD.shape
-  s_BKGTS, _ = _scores(q_BTHD, k_BSKD, inputs, opts)
+  s_BKGTS = _scores(q_BTHD, k_BSKD, inputs, opts)
   # A row with no visible key has max -inf; shifting by 0 makes its weights exp(-inf) = 0.
   m_BKGT = jax.lax.stop_gradient(s_BKGTS.max(-1))
   m_BKGT = jnp.where(jnp.isfinite(m_BKGT), m_BKGT, 0.0)
@@ -88,7 +88,7 @@ def reference_bwd(
   G = check_qkv(q_BTHD, k_BSKD, v_BSKD)
   B, T, Hq, D = q_BTHD.shape
   Hkv = k_BSKD.shape[2]
-  s_BKGTS, _ = _scores(q_BTHD, k_BSKD, inputs, opts)
+  s_BKGTS = _scores(q_BTHD, k_BSKD, inputs, opts)
   as_BKGT = lambda x_BHT: x_BHT.astype(jnp.float32).reshape(B, Hkv, G, T)  # noqa: E731
   as_BKGTD = lambda x: (  # noqa: E731
     x.astype(jnp.float32).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4)

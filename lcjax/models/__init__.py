@@ -13,6 +13,7 @@ from lcjax.models.transformer import DecoderLM
 
 __all__ = [
   "build_model",
+  "default_model_config",
   "generate",
   "llama_config",
   "longgen_layer_types",
@@ -27,6 +28,14 @@ __all__ = [
 # family name → model class and its config validation; a new family is one entry each.
 FAMILIES = {"llama": DecoderLM, "mamba2": Mamba2LM}
 VALIDATORS = {"llama": validate_model_config, "mamba2": validate_mamba2_config}
+DEFAULT_CONFIGS = {"llama": llama_config, "mamba2": mamba2_config}
+
+
+def default_model_config(family: str):
+  """The default model config of `family` (what `llama_config()` / `mamba2_config()` return)."""
+  if family not in DEFAULT_CONFIGS:
+    raise ConfigError(f"model.family={family!r} is unknown; choose one of {sorted(FAMILIES)}")
+  return DEFAULT_CONFIGS[family]()
 
 
 def validate_model(model_config) -> None:

@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-from tensorboardX import SummaryWriter
+from lcjax.train.tensorboard import EventWriter
 
 __all__ = ["MetricsWriter", "read_metrics"]
 
@@ -52,16 +52,17 @@ class MetricsWriter:
     self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
     self._tb = None
     if tensorboard:
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+      # A resumed run drops the old file's events from resume_step + 1 on in TensorBoard.
+      purge = resume_step + 1 if resume_step > 0 else None
+      self._tb = EventWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:
-      for key, value in row.items():
-        if key != "step" and isinstance(value, int | float):
-          self._tb.add_scalar(key, value, step)
+      scalars = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, int | float)}
+      self._tb.scalars(step, scalars)
 
   def close(self) -> None:
     self._file.close()

@@ -18,6 +18,7 @@ Settings live in one place each: the attention implementation and its block size
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, NamedTuple
 
@@ -32,15 +33,18 @@ from lcjax.config import ConfigError, require
 from lcjax.data.packing import ROW_KEYS
 from lcjax.interop.hf import load_pretrained
 from lcjax.interop.native import MODEL_CONFIG_FILE, read_model_config
-from lcjax.models import build_model
+from lcjax.models import build_model, default_model_config
 from lcjax.parallel.sharding import batch_sharding
 from lcjax.train.checkpoint import Checkpointer
 from lcjax.train.optim import make_optimizer
 from lcjax.train.step import init_state, make_train_step
 
+log = logging.getLogger(__name__)
+
 __all__ = [
   "BATCH_KEYS",
   "RUNTIME_MODEL_FIELDS",
+  "TRAINING_MODEL_FIELDS",
   "RunSetup",
   "abstract_setup",
   "batch_spec",
@@ -61,6 +65,9 @@ _FLOAT_KEYS = ("loss_weights",)
 # Model-config fields whose one home in a run config is elsewhere: the attention section
 # and the parallel section. `llama_config()` keeps them so a model can be built on its
 # own (notebooks, benchmarks); a run fills them in from those sections.
+# Model fields that say how the weights are computed with, not what they are: with
+# `init_from` they come from the run's `config.model`, on top of the checkpoint's config.
+TRAINING_MODEL_FIELDS = ("dtype", "remat", "ssd_impl")
 RUNTIME_MODEL_FIELDS = {
   "attention_impl": "attention.impl",
   "attention_block_q": "attention.block_q",
@@ -75,30 +82,82 @@ def _section_value(config, dotted: str):
 
 
 def model_config_for_run(config, hf_model_config=None) -> ml_collections.ConfigDict:
-  """The model config a run builds: `config.model`, or the checkpoint's plus `model_overrides`.
+  """The model config a run builds: `config.model`, or the checkpoint's (`init_from`).
 
   The attention implementation, its block sizes and the context strategy come from
   `config.attention` and `config.parallel` (their one home), for families that have
-  attention. A run's `config.model` (or `model_overrides`) that holds one of those
-  fields with a different value is an error naming both spellings, never silently
-  overruled.
+  attention; a `config.model` or `model_overrides` that holds one of those fields with
+  another value is an error naming both spellings.
+
+  With a checkpoint (`hf_model_config`), the architecture is the checkpoint's:
+  `model_overrides` change fields on it, and the fields that only say how the weights
+  are computed with (`TRAINING_MODEL_FIELDS`: compute dtype, remat) come from
+  `config.model`. The other fields a config sets in `config.model` (away from its
+  family's default) are replaced by the checkpoint's, and a warning lists each one
+  that differs, so a recipe's model (e.g. the quickstart's) can be reused with any
+  checkpoint without a setting being dropped unseen.
   """
   base = config.model if hf_model_config is None else hf_model_config
   cfg = base.copy_and_resolve_references()
   cfg.unlock()  # a copy of a locked run config's section; it gains the runtime fields
-  if hf_model_config is not None:
+  if hf_model_config is None:
+    require(
+      not config.model_overrides,
+      f"model_overrides={_plain(config.model_overrides)} applies to an init_from checkpoint, "
+      "but init_from is not set; set those fields in config.model instead",
+    )
+    for key in RUNTIME_MODEL_FIELDS:
+      if key in cfg:
+        _require_runtime_agrees(config, key, cfg[key], f"model.{key}")
+  else:
+    configured = _configured_model_fields(config.model)
+    for key in TRAINING_MODEL_FIELDS:
+      if key in configured and key in cfg:
+        cfg[key] = configured[key]
     for key, value in config.model_overrides.items():
       require(key in cfg, f"model_overrides.{key} is not a model field; known: {sorted(cfg)}")
       _require_runtime_agrees(config, key, value, f"model_overrides.{key}")
       cfg[key] = value
-  else:
-    for key in RUNTIME_MODEL_FIELDS:
-      if key in cfg:
-        _require_runtime_agrees(config, key, cfg[key], f"model.{key}")
+    replaced = {
+      key: value
+      for key, value in configured.items()
+      if key not in TRAINING_MODEL_FIELDS and _plain(cfg.get(key)) != _plain(value)
+    }
+    if replaced:
+      log.warning(
+        "init_from %s: the checkpoint's model replaces config.model's %s; set "
+        "model_overrides.FIELD to change a field of the checkpoint",
+        config.init_from,
+        ", ".join(
+          f"{k}={_plain(v)!r} (checkpoint: {_plain(cfg.get(k))!r})" for k, v in replaced.items()
+        ),
+      )
   if "num_heads" in cfg:  # families without attention (mamba2) have none of these
     for key, dotted in RUNTIME_MODEL_FIELDS.items():
       cfg[key] = _section_value(config, dotted)
   return cfg
+
+
+def _plain(value):
+  """ConfigDicts and tuples as plain dicts and lists, so configured values compare."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_plain(v) for v in value]
+  return value
+
+
+def _configured_model_fields(model_section) -> dict:
+  """The fields of a run's model section that differ from its family's defaults."""
+  defaults = default_model_config(model_section.get("family", "llama"))
+  return {
+    key: model_section[key]
+    for key in model_section
+    if key not in RUNTIME_MODEL_FIELDS
+    and (key not in defaults or _plain(model_section[key]) != _plain(defaults[key]))
+  }
 
 
 def _require_runtime_agrees(config, key: str, value, spelled: str) -> None:
