@@ -108,25 +108,23 @@ def default_interpret(x: jax.Array) -> bool:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(st, q, k, v, q_pos, k_pos, q_seg, k_seg, fwd_tables, bwd_tables):
-  out_BHTD, lse_BHT1 = _forward(st, q, k, v, q_pos, k_pos, q_seg, k_seg, fwd_tables)
+def _attend(st, q, k, v, ids: MaskInputs, tables):
+  """The kernels under one custom VJP; `tables` = (forward/dQ tables, dK/dV tables)."""
+  out_BHTD, lse_BHT1 = _forward(st, q, k, v, *ids, tables[0])
   return out_BHTD.astype(q.dtype), lse_BHT1
 
 
-def _attend_fwd(st, q, k, v, q_pos, k_pos, q_seg, k_seg, fwd_tables, bwd_tables):
-  out_BHTD, lse_BHT1 = _forward(st, q, k, v, q_pos, k_pos, q_seg, k_seg, fwd_tables)
+def _attend_fwd(st, q, k, v, ids: MaskInputs, tables):
+  out_BHTD, lse_BHT1 = _forward(st, q, k, v, *ids, tables[0])
   # Residuals are O(T): inputs, tables, the fp32 output and the lse; never probabilities.
-  res = (q, k, v, q_pos, k_pos, q_seg, k_seg, fwd_tables, bwd_tables, out_BHTD, lse_BHT1)
-  return (out_BHTD.astype(q.dtype), lse_BHT1), res
+  return (out_BHTD.astype(q.dtype), lse_BHT1), (q, k, v, ids, tables, out_BHTD, lse_BHT1)
 
 
 def _attend_bwd(st, res, cotangents):
-  dout_BHTD, dlse_BHT1 = cotangents
-  q, k, v = res[:3]
-  dq, dk, dv = _backward(st, res, dout_BHTD, dlse_BHT1)
-  # Integer inputs (positions, segment ids, tables) take no cotangent.
-  ints = (None,) * 4 + (jax.tree.map(lambda _: None, res[7]), jax.tree.map(lambda _: None, res[8]))
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *ints)
+  q, k, v, ids, tables, out_BHTD, lse_BHT1 = res
+  dq, dk, dv = _backward(st, (q, k, v, *ids, *tables, out_BHTD, lse_BHT1), *cotangents)
+  # Integer inputs (mask indices, segment ids, tables) take no cotangent.
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -190,7 +188,7 @@ class _Prepared(NamedTuple):
   q_BHTD: jax.Array  # [B, Hq, Tp, Dp]
   k_BKSD: jax.Array  # [B, Hkv, Sp, Dp]
   v_BKSD: jax.Array
-  ids: tuple  # (q_pos [B, Tp], k_pos [B, Sp], q_seg, k_seg); segments None without document
+  ids: MaskInputs  # resolved, padded: q [B, Tp], kv [B, Sp]; segments None without document
   fwd_tables: BlockTables
   bwd_tables: BlockTables
 
@@ -234,7 +232,7 @@ def _prepare(q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs, opts: AttentionOptions,
   Dp = _pow2_at_least(D)
   q_BHTD = _to_kernel_layout(q_BTHD, Tp, Dp)
   k_BKSD, v_BKSD = (_to_kernel_layout(x, Sp, Dp) for x in (k_BSKD, v_BSKD))
-  ids = (q_pos, k_pos, q_seg, k_seg)
+  ids = MaskInputs(q_pos, k_pos, q_seg, k_seg)
   return _Prepared(st, q_BHTD, k_BKSD, v_BKSD, ids, fwd_tables, bwd_tables)
 
 
@@ -246,9 +244,8 @@ def _from_kernel_layout(x_BHTD, T, D):
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _attention_with_lse(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret):
   p = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret)
-  out_BHTD, lse_BHT1 = _attend(
-    p.st, p.q_BHTD, p.k_BKSD, p.v_BKSD, *p.ids, p.fwd_tables, p.bwd_tables
-  )
+  tables = (p.fwd_tables, p.bwd_tables)
+  out_BHTD, lse_BHT1 = _attend(p.st, p.q_BHTD, p.k_BKSD, p.v_BKSD, p.ids, tables)
   T, D = q_BTHD.shape[1], q_BTHD.shape[3]
   return _from_kernel_layout(out_BHTD, T, D), lse_BHT1[:, :, :T, 0]
 

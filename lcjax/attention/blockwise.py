@@ -160,10 +160,13 @@ def online_softmax_result(m_BKR, l_BKR, acc_BKRD):
   return acc_BKRD / l_safe[..., None], lse_BKR
 
 
-def _forward(
-  st, q_BKTGD, k_BKSD, v_BKSD, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, valid_BS, kinds_QK
-):
-  """FlashAttention-2 Alg. 1 on padded inputs: (out fp32 [B,K,T,G,D], lse [B,K,T,G], visits)."""
+def _forward(st, q_BKTGD, k_BKSD, v_BKSD, ids: MaskInputs, valid_BS, kinds_QK):
+  """FlashAttention-2 Alg. 1 on padded inputs: (out fp32 [B,K,T,G,D], lse [B,K,T,G], visits).
+
+  `ids` are the resolved, padded mask inputs; `valid_BS` marks real keys and `kinds_QK`
+  says which block pairs to skip, mask or compute unmasked (`block_kinds`).
+  """
+  q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS = ids
   B, K, Tp, G, D = q_BKTGD.shape
   bq, bk = st.block_q, st.block_kv
   nQ, nK = Tp // bq, k_BKSD.shape[2] // bk
@@ -225,8 +228,8 @@ def _backward(st, res, cotangents, keep_fp32=False):
   The gradients come back in the input dtypes, or in float32 with `keep_fp32` (for
   callers that accumulate them over several calls, as ring attention does).
   """
-  q_BKTGD, k_BKSD, v_BKSD, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, valid_BS, kinds_QK = res[:9]
-  out_BKTGD, lse_BKTG = res[9:]
+  q_BKTGD, k_BKSD, v_BKSD, ids, valid_BS, kinds_QK, out_BKTGD, lse_BKTG = res
+  q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS = ids
   dout_BKTGD, dlse_BKTG = cotangents
   B, K, Tp, G, D = q_BKTGD.shape
   bq, bk = st.block_q, st.block_kv
@@ -308,21 +311,21 @@ def _backward(st, res, cotangents, keep_fp32=False):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st, q, k, v, q_pos, k_pos, q_seg, k_seg, valid, kinds):
-  out_BKTGD, lse_BKTG, _ = _forward(st, q, k, v, q_pos, k_pos, q_seg, k_seg, valid, kinds)
+def _flash(st, q, k, v, ids, valid, kinds):
+  out_BKTGD, lse_BKTG, _ = _forward(st, q, k, v, ids, valid, kinds)
   return out_BKTGD.astype(q.dtype), lse_BKTG
 
 
-def _flash_fwd(st, q, k, v, q_pos, k_pos, q_seg, k_seg, valid, kinds):
-  out_BKTGD, lse_BKTG, _ = _forward(st, q, k, v, q_pos, k_pos, q_seg, k_seg, valid, kinds)
+def _flash_fwd(st, q, k, v, ids, valid, kinds):
+  out_BKTGD, lse_BKTG, _ = _forward(st, q, k, v, ids, valid, kinds)
   # Residuals are O(T): the inputs, the fp32 output and the lse; never the probabilities.
-  res = (q, k, v, q_pos, k_pos, q_seg, k_seg, valid, kinds, out_BKTGD, lse_BKTG)
+  res = (q, k, v, ids, valid, kinds, out_BKTGD, lse_BKTG)
   return (out_BKTGD.astype(q.dtype), lse_BKTG), res
 
 
 def _flash_bwd(st, res, cotangents):
   dq, dk, dv = _backward(st, res, cotangents)
-  return dq, dk, dv, None, None, None, None, None, None
+  return dq, dk, dv, None, None, None  # mask inputs, valid keys and kinds are integers
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -353,7 +356,8 @@ def _prepare(q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs, opts: AttentionOptions)
   # Kernel layouts: kv head first, so each block product is a plain batched matmul.
   q_BKTGD = pad(q_BTHD, Tp).reshape(B, Tp, Hkv, G, D).transpose(0, 2, 1, 3, 4)
   k_BKSD, v_BKSD = (pad(x, Sp).transpose(0, 2, 1, 3) for x in (k_BSKD, v_BSKD))
-  args = (q_BKTGD, k_BKSD, v_BKSD, q_pos, k_pos, q_seg, k_seg, valid_BS, block_kinds(block_map_BQK))
+  ids = MaskInputs(q_pos, k_pos, q_seg, k_seg)
+  args = (q_BKTGD, k_BKSD, v_BKSD, ids, valid_BS, block_kinds(block_map_BQK))
   return st, args
 
 

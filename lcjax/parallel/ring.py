@@ -99,26 +99,33 @@ class _Static(NamedTuple):
   def lse_spec(self) -> PartitionSpec:  # [B, H, T]
     return PartitionSpec(self.batch_axes or None, self.head_axis, self.axis)
 
+  def ids_spec(self) -> MaskInputs:  # every field [B, T] (None fields stay None)
+    return MaskInputs(*(self.tokens_spec(),) * 4)
+
 
 def _shard_map(st: _Static, body, args, in_specs, out_specs):
-  """`jax.shard_map` over st.mesh that passes None arguments (absent segment ids) through.
+  """`jax.shard_map` over st.mesh of `body(*args)`, passing None leaves (absent segment
+  ids in a `MaskInputs`) through; `in_specs` mirrors `args` leaf for leaf.
 
   check_vma=False: the body's loop carries start as fresh (device-invariant) zeros and
   Pallas calls do not carry varying-axis types; MaxText makes the same choice.
   """
-  present = tuple(x is not None for x in args)
+  is_none = lambda x: x is None  # noqa: E731
+  leaves, tree = jax.tree.flatten(args, is_leaf=is_none)
+  spec_leaves = tree.flatten_up_to(in_specs)
+  present = tuple(x is not None for x in leaves)
 
   def local(*xs):
     it = iter(xs)
-    return body(*(next(it) if p else None for p in present))
+    return body(*jax.tree.unflatten(tree, [next(it) if p else None for p in present]))
 
   return jax.shard_map(
     local,
     mesh=st.mesh,
-    in_specs=tuple(s for s, p in zip(in_specs, present, strict=True) if p),
+    in_specs=tuple(s for s, p in zip(spec_leaves, present, strict=True) if p),
     out_specs=out_specs,
     check_vma=False,
-  )(*(x for x in args if x is not None))
+  )(*(x for x in leaves if x is not None))
 
 
 def _send_to_next(tree, st: _Static):
@@ -128,28 +135,29 @@ def _send_to_next(tree, st: _Static):
   return jax.tree.map(lambda x: lax.ppermute(x, st.axis, perm), tree)
 
 
-def _chunk_block_map(st: _Static, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, block_q, block_kv):
+def _chunk_block_map(st: _Static, ids: MaskInputs, block_q: int, block_kv: int):
   """The block map of a chunk pair ([B, Hkv, nQ, nK] for a per-head mask)."""
-  return st.mask.block_map(
-    q_pos_BT,
-    k_pos_BS,
-    q_seg_BT,
-    k_seg_BS,
-    block_q=block_q,
-    block_kv=block_kv,
-    num_kv_heads=st.kv_heads,
-  )
+  return st.mask.block_map(*ids, block_q=block_q, block_kv=block_kv, num_kv_heads=st.kv_heads)
 
 
-def _chunk_visible(st: _Static, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS) -> jax.Array:
+def _chunk_visible(st: _Static, ids: MaskInputs) -> jax.Array:
   """False iff no (query, key) pair of the two chunks is allowed, in any batch row (or
   kv head).
 
-  One block the size of each chunk: O(T/W) work from position and segment ranges.
+  One block the size of each chunk: O(T/W) work from index and segment-id ranges.
   """
-  T, S = q_pos_BT.shape[1], k_pos_BS.shape[1]
-  block_map_B11 = _chunk_block_map(st, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, T, S)
-  return (block_map_B11 != EMPTY).any()
+  T, S = ids.q_index.shape[1], ids.kv_index.shape[1]
+  return (_chunk_block_map(st, ids, T, S) != EMPTY).any()
+
+
+def _travelling(k, v, ids: MaskInputs):
+  """What moves along the ring with a key chunk: its keys, values, indices and segments."""
+  return k, v, ids.kv_index, ids.kv_segment_ids
+
+
+def _with_keys(ids: MaskInputs, kv) -> MaskInputs:
+  """The mask inputs of these queries against the key chunk `kv` (from `_travelling`)."""
+  return ids._replace(kv_index=kv[2], kv_segment_ids=kv[3])
 
 
 def _merge(out_BTHD, lse_BHT, out_j_BTHD, lse_j_BHT):
@@ -162,26 +170,23 @@ def _merge(out_BTHD, lse_BHT, out_j_BTHD, lse_j_BHT):
   return w_BTH1 * out_BTHD + w_j_BTH1 * out_j_BTHD, lse_new_BHT
 
 
-def _ring_forward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, count_blocks=False):
+def _ring_forward_local(st: _Static, q, k, v, ids: MaskInputs, count_blocks=False):
   """One device's ring forward: (out_BTHD fp32, lse_BHT, chunk pairs, block pairs computed)."""
   B, T, H, D = q.shape
 
   def attend(acc, kv):
     out_BTHD, lse_BHT, chunks, blocks = acc
-    k_BSKD, v_BSKD, k_pos_BS, k_seg_BS = kv
+    chunk_ids = _with_keys(ids, kv)
 
     def compute():
-      inputs = MaskInputs(q_pos, k_pos_BS, q_seg, k_seg_BS)
-      out_j, lse_j = st.impl.forward(q, k_BSKD, v_BSKD, inputs, st.opts)
+      out_j, lse_j = st.impl.forward(q, kv[0], kv[1], chunk_ids, st.opts)
       n_blocks = blocks
       if count_blocks:
-        bq, bk = min(st.opts.block_q, T), min(st.opts.block_kv, k_pos_BS.shape[1])
-        n_blocks += visited_block_pairs(
-          _chunk_block_map(st, q_pos, k_pos_BS, q_seg, k_seg_BS, bq, bk)
-        )
+        bq, bk = min(st.opts.block_q, T), min(st.opts.block_kv, kv[0].shape[1])
+        n_blocks += visited_block_pairs(_chunk_block_map(st, chunk_ids, bq, bk))
       return *_merge(out_BTHD, lse_BHT, out_j, lse_j), chunks + 1, n_blocks
 
-    return lax.cond(_chunk_visible(st, q_pos, k_pos_BS, q_seg, k_seg_BS), compute, lambda: acc)
+    return lax.cond(_chunk_visible(st, chunk_ids), compute, lambda: acc)
 
   def step(carry, _):
     acc, kv = carry
@@ -194,24 +199,22 @@ def _ring_forward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, count_
     jnp.int32(0),
   )
   # W − 1 hops bring every key chunk past every device; the last step needs no send.
-  (acc, kv), _ = lax.scan(step, (acc, (k, v, k_pos, k_seg)), length=st.ring_size - 1)
+  (acc, kv), _ = lax.scan(step, (acc, _travelling(k, v, ids)), length=st.ring_size - 1)
   return attend(acc, kv)
 
 
-def _ring_backward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, dout):
+def _ring_backward_local(st: _Static, q, k, v, ids: MaskInputs, out, lse, dout):
   """One device's ring backward: (dq, dk, dv) of its own chunks, in the input dtypes."""
 
   def attend(dq_BTHD, kv, dkv):
-    k_BSKD, v_BSKD, k_pos_BS, k_seg_BS = kv
+    chunk_ids = _with_keys(ids, kv)
     dk_BSKD, dv_BSKD = dkv
 
     def compute():
-      inputs = MaskInputs(q_pos, k_pos_BS, q_seg, k_seg_BS)
-      dq_j, dk_j, dv_j = st.impl.backward(q, k_BSKD, v_BSKD, out, lse, dout, inputs, st.opts)
+      dq_j, dk_j, dv_j = st.impl.backward(q, kv[0], kv[1], out, lse, dout, chunk_ids, st.opts)
       return dq_BTHD + dq_j, (dk_BSKD + dk_j, dv_BSKD + dv_j)
 
-    visible = _chunk_visible(st, q_pos, k_pos_BS, q_seg, k_seg_BS)
-    return lax.cond(visible, compute, lambda: (dq_BTHD, dkv))
+    return lax.cond(_chunk_visible(st, chunk_ids), compute, lambda: (dq_BTHD, dkv))
 
   def step(carry, _):
     dq_BTHD, kv, dkv = carry
@@ -221,7 +224,7 @@ def _ring_backward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, out, 
     return (dq_BTHD, kv, dkv), None
 
   zeros_BSKD = jnp.zeros(k.shape, jnp.float32)
-  carry = (jnp.zeros(q.shape, jnp.float32), (k, v, k_pos, k_seg), (zeros_BSKD, zeros_BSKD))
+  carry = (jnp.zeros(q.shape, jnp.float32), _travelling(k, v, ids), (zeros_BSKD, zeros_BSKD))
   (dq_BTHD, kv, dkv), _ = lax.scan(step, carry, length=st.ring_size - 1)
   dq_BTHD, dkv = attend(dq_BTHD, kv, dkv)
   # The W-th hop brings each dK, dV buffer home to the device that owns its keys.
@@ -229,60 +232,57 @@ def _ring_backward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, out, 
   return dq_BTHD.astype(q.dtype), dk_BSKD.astype(k.dtype), dv_BSKD.astype(v.dtype)
 
 
-def _gather_kv(st: _Static, k, v, k_pos, k_seg):
-  """Keys, values, positions and segment ids of the whole row, in layout order."""
-  return jax.tree.map(
-    lambda x: lax.all_gather(x, st.axis, axis=1, tiled=True), (k, v, k_pos, k_seg)
+def _gather_kv(st: _Static, k, v, ids: MaskInputs):
+  """(keys, values, mask inputs against every key of the row), in layout order."""
+  gathered = jax.tree.map(
+    lambda x: lax.all_gather(x, st.axis, axis=1, tiled=True), _travelling(k, v, ids)
   )
+  return gathered[0], gathered[1], _with_keys(ids, gathered)
 
 
-def _gathered_forward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg):
-  k_all, v_all, k_pos_all, k_seg_all = _gather_kv(st, k, v, k_pos, k_seg)
-  inputs = MaskInputs(q_pos, k_pos_all, q_seg, k_seg_all)
-  return st.impl.forward(q, k_all, v_all, inputs, st.opts)
+def _gathered_forward_local(st: _Static, q, k, v, ids: MaskInputs):
+  k_all, v_all, all_ids = _gather_kv(st, k, v, ids)
+  return st.impl.forward(q, k_all, v_all, all_ids, st.opts)
 
 
-def _gathered_backward_local(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, dout):
-  k_all, v_all, k_pos_all, k_seg_all = _gather_kv(st, k, v, k_pos, k_seg)
-  inputs = MaskInputs(q_pos, k_pos_all, q_seg, k_seg_all)
-  dq, dk_all, dv_all = st.impl.backward(q, k_all, v_all, out, lse, dout, inputs, st.opts)
+def _gathered_backward_local(st: _Static, q, k, v, ids: MaskInputs, out, lse, dout):
+  k_all, v_all, all_ids = _gather_kv(st, k, v, ids)
+  dq, dk_all, dv_all = st.impl.backward(q, k_all, v_all, out, lse, dout, all_ids, st.opts)
   # Every device holds a part of every key's gradient: sum them, each keeps its chunk.
   dk, dv = (lax.psum_scatter(x, st.axis, scatter_dimension=1, tiled=True) for x in (dk_all, dv_all))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, k_seg):
+def _forward(st: _Static, q, k, v, ids: MaskInputs):
   """The sharded forward on global arrays: (out_BTHD float32, lse_BHT)."""
-  rows, tokens = st.rows_spec(), st.tokens_spec()
-  in_specs = (rows, rows, rows, tokens, tokens, tokens, tokens)
+  rows = st.rows_spec()
+  in_specs = (rows, rows, rows, st.ids_spec())
   if st.strategy == "ring":
     body = lambda *a: _ring_forward_local(st, *a)[:2]
   else:
     body = functools.partial(_gathered_forward_local, st)
-  args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
-  return _shard_map(st, body, args, in_specs, (rows, st.lse_spec()))
+  return _shard_map(st, body, (q, k, v, ids), in_specs, (rows, st.lse_spec()))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st, q, k, v, q_pos, k_pos, q_seg, k_seg):
-  out_BTHD, _ = _forward(st, q, k, v, q_pos, k_pos, q_seg, k_seg)
+def _attention(st, q, k, v, ids: MaskInputs):
+  out_BTHD, _ = _forward(st, q, k, v, ids)
   return out_BTHD.astype(q.dtype)
 
 
-def _attention_fwd(st, q, k, v, q_pos, k_pos, q_seg, k_seg):
-  out_BTHD, lse_BHT = _forward(st, q, k, v, q_pos, k_pos, q_seg, k_seg)
+def _attention_fwd(st, q, k, v, ids: MaskInputs):
+  out_BTHD, lse_BHT = _forward(st, q, k, v, ids)
   # Residuals are sharded like the inputs: O(T/W) per device, never a score block.
-  res = (q, k, v, q_pos, k_pos, q_seg, k_seg, out_BTHD, lse_BHT)
-  return out_BTHD.astype(q.dtype), res
+  return out_BTHD.astype(q.dtype), (q, k, v, ids, out_BTHD, lse_BHT)
 
 
 def _attention_bwd(st, res, dout_BTHD):
-  rows, tokens = st.rows_spec(), st.tokens_spec()
-  in_specs = (rows, rows, rows, tokens, tokens, tokens, tokens, rows, st.lse_spec(), rows)
+  rows = st.rows_spec()
+  in_specs = (rows, rows, rows, st.ids_spec(), rows, st.lse_spec(), rows)
   local = _ring_backward_local if st.strategy == "ring" else _gathered_backward_local
   body = functools.partial(local, st)
   dq, dk, dv = _shard_map(st, body, (*res, dout_BTHD), in_specs, (rows, rows, rows))
-  return dq, dk, dv, None, None, None, None
+  return dq, dk, dv, None  # integer mask inputs take no cotangent
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -367,22 +367,21 @@ def _static(q_BTHD, k_BSKD, v_BSKD, opts, mesh, axis, batch_axes, head_axis, str
 @functools.partial(jax.jit, static_argnums=(0,))
 def _run(st: _Static, q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs):
   B, T, S = q_BTHD.shape[0], q_BTHD.shape[1], k_BSKD.shape[1]
-  return _attention(st, q_BTHD, k_BSKD, v_BSKD, *inputs.resolve(st.mask, B, T, S))
+  return _attention(st, q_BTHD, k_BSKD, v_BSKD, inputs.resolve(st.mask, B, T, S))
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _run_stats(st: _Static, q_BTHD, k_BSKD, v_BSKD, inputs: MaskInputs):
   B, T, S = q_BTHD.shape[0], q_BTHD.shape[1], k_BSKD.shape[1]
-  mask_inputs = inputs.resolve(st.mask, B, T, S)
 
-  def body(*args):
-    _, _, chunks, blocks = _ring_forward_local(st, *args, count_blocks=True)
+  def body(q, k, v, ids):
+    _, _, chunks, blocks = _ring_forward_local(st, q, k, v, ids, count_blocks=True)
     return chunks.reshape(1, 1), blocks.reshape(1, 1)
 
-  rows, tokens = st.rows_spec(), st.tokens_spec()
-  in_specs = (rows, rows, rows, tokens, tokens, tokens, tokens)
+  rows = st.rows_spec()
+  in_specs = (rows, rows, rows, st.ids_spec())
   counts_spec = PartitionSpec(st.batch_axes or None, st.axis)
-  args = (q_BTHD, k_BSKD, v_BSKD, *mask_inputs)
+  args = (q_BTHD, k_BSKD, v_BSKD, inputs.resolve(st.mask, B, T, S))
   chunks, blocks = _shard_map(st, body, args, in_specs, (counts_spec, counts_spec))
   return {"chunk_pairs": chunks, "block_pairs": blocks}
 
