@@ -25,6 +25,7 @@ __all__ = [
   "check_override_flags",
   "config_path",
   "load_config",
+  "load_module",
   "parse_arg",
   "require",
 ]
@@ -143,7 +144,8 @@ def config_path(spec: str) -> tuple[str, str | None]:
   )
 
 
-def _load_module(path: str):
+def load_module(path: str):
+  """The Python module of a config file (`get_config`, and a sweep's `sweep`, `metrics`)."""
   module_name = "lcjax_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(spec)
@@ -165,22 +167,35 @@ def _field_error(config, dotted: str) -> str | None:
   return None
 
 
+# Sections of a run config (`lcjax.train.config.base_config`) whose keys the user names:
+# an override may create a key inside them ("model_overrides.rope", "eval.rope_variants.yarn4").
+OPEN_SECTIONS = ("model_overrides", "eval.rope_variants")
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
   """Sets dotted fields ({"train.steps": 20, "model.rope": {...}}) on `config` in place.
 
   A field that does not exist, or a value of the wrong type for a locked config, is a
-  ConfigError naming the field; fields are never created.
+  ConfigError naming the field; fields are never created, except keys directly inside
+  an `OPEN_SECTIONS` section (e.g. "model_overrides.rope").
   """
   for dotted, value in overrides.items():
-    problem = _field_error(config, dotted)
+    *parents, leaf = dotted.split(".")
+    open_section = ".".join(parents) in OPEN_SECTIONS
+    problem = _field_error(config, ".".join(parents) if open_section else dotted)
     if problem is not None:
       raise ConfigError(f"override {dotted}: {problem}")
-    *parents, leaf = dotted.split(".")
     node = config
     for part in parents:
       node = node[part]
+    if isinstance(value, dict):
+      value = ml_collections.ConfigDict(value)
     try:
-      node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+      if open_section and leaf not in node:
+        with node.unlocked():
+          node[leaf] = value
+      else:
+        node[leaf] = value
     except (TypeError, ValueError) as e:
       raise ConfigError(f"override {dotted}={value!r}: {e}") from None
 
@@ -194,7 +209,7 @@ def load_config(
   command line. The result is locked (a misspelt field raises) unless `lock=False`.
   """
   path, arg = config_path(spec)
-  module = _load_module(path)
+  module = load_module(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} defines no get_config(arg=None); see configs/quickstart.py")
   config = module.get_config(arg)

@@ -11,6 +11,7 @@ from ml_collections import config_flags
 
 from lcjax.cli import fail, run
 from lcjax.config import ConfigError
+from lcjax.sweep.points import config_for_flags
 from lcjax.train.config import validate_config
 from lcjax.train.evaluate import evaluate_workdir
 
@@ -18,6 +19,9 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "configs/NAME.py[:args]", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder with checkpoints/")
+_SWEEP_POINT = flags.DEFINE_string(
+  "sweep_point", None, "run this point of a sweep config (scripts/sweep.py --print_commands)"
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,8 +29,9 @@ def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
-    validate_config(_CONFIG.value)
-    evaluate_workdir(_CONFIG.value, _WORKDIR.value)
+    config = config_for_flags(flags.FLAGS["config"], _SWEEP_POINT.value)
+    validate_config(config)
+    evaluate_workdir(config, _WORKDIR.value)
   except (ConfigError, FileNotFoundError) as e:
     return fail(str(e))
   return 0

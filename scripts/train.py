@@ -15,6 +15,7 @@ from ml_collections import config_flags
 from lcjax.cli import fail, run
 from lcjax.config import ConfigError
 from lcjax.parallel.distributed import maybe_initialize
+from lcjax.sweep.points import config_for_flags
 from lcjax.train import TrainingDiverged, train
 from lcjax.train.aot import compile_train_step, format_report
 
@@ -29,6 +30,9 @@ _COMPILE_ONLY = flags.DEFINE_bool(
   "compile_only", False, "compile the train step for --topology and print memory; no training"
 )
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology for --compile_only, e.g. v5p:4x4x4")
+_SWEEP_POINT = flags.DEFINE_string(
+  "sweep_point", None, "run this point of a sweep config (scripts/sweep.py --print_commands)"
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,12 +43,13 @@ def main(argv) -> int:
   maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   try:
+    config = config_for_flags(flags.FLAGS["config"], _SWEEP_POINT.value)
     if _COMPILE_ONLY.value:
       if not _TOPOLOGY.value:
         raise ConfigError("--compile_only needs --topology, e.g. --topology v5p:4x4x4")
-      print(format_report(compile_train_step(_CONFIG.value, _TOPOLOGY.value)))
+      print(format_report(compile_train_step(config, _TOPOLOGY.value)))
       return 0
-    train(_CONFIG.value, _WORKDIR.value)
+    train(config, _WORKDIR.value)
   except (ConfigError, FileNotFoundError) as e:
     return fail(str(e))
   except TrainingDiverged as e:

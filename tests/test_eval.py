@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lcjax.config import ConfigError
 from lcjax.eval import (
   make_passkey_prompt,
   passkey_accuracy,
@@ -21,7 +22,11 @@ from lcjax.eval import (
   write_json,
 )
 from lcjax.eval.passkey import GARBAGE, NEEDLE, QUESTION, TASK, first_integer
+from lcjax.eval.perplexity import prefix_invariant
 from lcjax.models import build_model, llama_config
+from lcjax.train.config import base_config, validate_config
+from lcjax.train.evaluate import format_ppl_table
+from lcjax.train.run_model import model_from_params
 
 
 class FixedModel:
@@ -331,3 +336,93 @@ def test_write_json_is_atomic_and_handles_numpy(tmp_path):
     write_json(path, dict(bad=object()))
   assert json.loads(path.read_text())["n"] == 3, "a failed write leaves the old file"
   assert os.listdir(tmp_path / "eval") == ["ppl.json"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Truncated protocol (YaRN / LongRoPE): one window of the first L + 1 tokens per document.
+
+
+def test_truncated_protocol_scores_each_document_prefix_once():
+  rng = np.random.default_rng(5)
+  p_V = rng.dirichlet(np.ones(11))
+  docs = [rng.integers(0, 11, size=n).astype(np.int32) for n in (40, 9, 23, 5, 8)]
+  model = FixedModel(p_V)
+  out = perplexity(model, docs, context_len=8, batch_size=2, protocol="truncated")
+  # Documents of >= 9 tokens (40, 9, 23) each give targets tokens[1:9]; 5 and 8 are skipped.
+  targets = np.concatenate([d[1:9] for d in docs if d.size >= 9])
+  np.testing.assert_allclose(out["nll"], -np.mean(np.log(p_V[targets])), rtol=1e-6)
+  assert (out["tokens"], out["windows"], out["documents"]) == (24, 3, 3)
+  assert (out["skipped_documents"], out["stride"], out["protocol"]) == (2, None, "truncated")
+  assert model.traces == 1, "one compilation, the last batch of one document padded"
+  capped = perplexity(model, docs, context_len=8, max_windows=2, protocol="truncated")
+  assert (capped["tokens"], capped["documents"]) == (16, 2)
+  sliding = perplexity(model, docs, context_len=8)
+  assert sliding["protocol"] == "sliding" and sliding["tokens"] == 39 + 8 + 22
+
+
+def test_truncated_protocol_equals_hand_computation_on_a_tiny_llama():
+  """Each document's first L + 1 tokens: inputs [:L] at positions 0..L-1, all L targets."""
+  model, _ = _tiny_llama(seed=2)
+  rng = np.random.default_rng(6)
+  docs = [rng.integers(0, 256, size=n).astype(np.int32) for n in (50, 12, 41, 30)]
+  lengths = [8, 16, 24]
+  rows = perplexity_vs_length(
+    model, docs, lengths, batch_size=2, max_documents=2, protocol="truncated", logits_chunk=5
+  )
+  # Documents with >= 25 tokens are 50, 41 and 30; max_documents keeps the first two.
+  kept = [docs[0], docs[2]]
+  for length, row in zip(lengths, rows, strict=True):
+    nll = []
+    for doc in kept:
+      logits_LV = np.asarray(model(jnp.asarray(doc[None, :length]))[0], np.float64)
+      logp_LV = logits_LV - np.log(np.sum(np.exp(logits_LV), axis=-1, keepdims=True))
+      nll.append(-logp_LV[np.arange(length), doc[1 : length + 1]])
+    np.testing.assert_allclose(row["nll"], np.mean(np.concatenate(nll)), rtol=1e-5)
+    assert (row["tokens"], row["windows"], row["documents"]) == (2 * length, 2, 2)
+    assert (row["skipped_documents"], row["protocol"], row["stride"]) == (1, "truncated", None)
+
+
+def test_truncated_protocol_one_window_for_all_lengths_equals_one_per_length():
+  """A prefix-invariant model (causal, RoPE independent of the window length) scores every
+  length from one max-length window per document; a `dynamic` RoPE reads the length, so it
+  gets one window per length."""
+  model, cfg = _tiny_llama(seed=3)
+  rng = np.random.default_rng(7)
+  docs = [rng.integers(0, 256, size=n).astype(np.int32) for n in (70, 66, 90)]
+  lengths = [16, 32, 64]
+  kwargs = dict(batch_size=2, protocol="truncated")
+  shared = perplexity_vs_length(model, docs, lengths, share_prefix=True, **kwargs)
+  separate = perplexity_vs_length(model, docs, lengths, share_prefix=False, **kwargs)
+  np.testing.assert_allclose([r["nll"] for r in shared], [r["nll"] for r in separate], rtol=1e-6)
+  assert [{**r, "nll": 0, "ppl": 0} for r in shared] == [
+    {**r, "nll": 0, "ppl": 0} for r in separate
+  ]
+  assert prefix_invariant(model) and not prefix_invariant(FixedModel(np.ones(4) / 4))
+  dynamic = dict(rope_type="dynamic", rope_theta=1e4, factor=2.0, max_position_embeddings=2048)
+  assert not prefix_invariant(model_from_params(nnx.state(model, nnx.Param), cfg, dynamic))
+
+
+def test_truncated_protocol_bad_arguments():
+  model = FixedModel(np.ones(4) / 4)
+  docs = [np.arange(20, dtype=np.int32) % 4]
+  with pytest.raises(ValueError, match="protocol='strided' is unknown"):
+    perplexity(model, docs, context_len=8, protocol="strided")
+  with pytest.raises(ValueError, match="stride=4 applies to protocol 'sliding'"):
+    perplexity(model, docs, context_len=8, stride=4, protocol="truncated")
+  with pytest.raises(ValueError, match="needs doc_mode='separate'"):
+    perplexity_vs_length(model, docs, [8], doc_mode="concatenate", protocol="truncated")
+  with pytest.raises(ValueError, match="no document"):
+    perplexity(model, docs, context_len=20, protocol="truncated")
+
+
+def test_ppl_protocol_config_field_and_table_header():
+  config = base_config()
+  config.eval.ppl_protocol = "windows"
+  with pytest.raises(ConfigError, match=r"eval\.ppl_protocol='windows' is unknown"):
+    validate_config(config, num_devices=1)
+  model = FixedModel(np.ones(4) / 4)
+  docs = [np.arange(40, dtype=np.int32) % 4]
+  for protocol, words in (("truncated", "one window of L tokens"), ("sliding", "stride 8, 16")):
+    rows = perplexity_vs_length(model, docs, [8, 16], stride_fraction=1.0, protocol=protocol)
+    table = format_ppl_table({"trained": rows}, train_len=8)
+    assert table.splitlines()[0].startswith(f"protocol: {protocol} (") and words in table

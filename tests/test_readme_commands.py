@@ -740,29 +740,37 @@ def run_convert(ws: Workspace, cmd: Command) -> None:
     transformers.AutoModelForCausalLM.from_pretrained(dst)
 
 
-def run_config_script(ws: Workspace, cmd: Command) -> None:
-  """`python configs/NAME.py --arg A --workdir W` (a study runner): run with its `smoke` arg."""
+def run_sweep_script(ws: Workspace, cmd: Command) -> None:
+  """scripts/sweep.py: the sweep config's `smoke` arg (every point, a few steps each).
+
+  `--list` and `--print_commands` run as written (they train nothing); a run must leave
+  DIR/results.csv with a row per point. Variants that shrink to the same smoke run
+  (runlocal, the full grid) run once.
+  """
   argv = ws.substitute(cmd.argv)
-  source = (ROOT / argv[1]).read_text()
-  if "__main__" not in source or not re.search(r"\bsmoke\s*=", source):
+  path = (_flag(argv, "config") or "").partition(":")[0]
+  if not (ROOT / path).is_file() or not re.search(r"\bsmoke\s*=", (ROOT / path).read_text()):
     pytest.fail(
-      f"README.md:{cmd.line}: `{cmd.text}`: {argv[1]} has no `smoke` arg to run it cheaply; "
-      f"add one or a rule in {Path(__file__).name}",
+      f"README.md:{cmd.line}: `{cmd.text}`: {path} is not a sweep config with a `smoke` arg "
+      f"to run it cheaply; add one or a rule in {Path(__file__).name}",
       pytrace=False,
     )
-  argv = _set_flag(argv, "arg", "smoke")
-  # Two study variants (runlocal, full grid) are the same run as `smoke`: it runs once.
+  argv = _set_flag(argv, "config", f"{path}:smoke")
   key = _normalized(argv, drop=("workdir",))
   if key in ws.done:
-    ws.notes.append(f"`{cmd.text}` is the same smoke run as an earlier command: not rerun")
+    ws.notes.append(f"`{cmd.text}` is the same smoke sweep as an earlier command: not rerun")
     return
   ws.done.add(key)
   env = _process_env(cmd.env, ws.request.getfixturevalue("compile_cache"))
   full = _python(argv)
-  _run(ws, full, env, full)
-  workdir = _flag(argv, "workdir")
-  if workdir and not any(Path(workdir).rglob("*.json")):
-    _fail(ws, "0, but no JSON results in the workdir", full, "")
+  output = _run(ws, full, env, full)
+  if "--list" in argv or "--print_commands" in argv:
+    if not output.strip():
+      _fail(ws, "0, but it printed nothing", full, output)
+    return
+  results = Path(_flag(argv, "workdir")) / "results.csv"
+  if not results.exists() or len(results.read_text().splitlines()) < 2:
+    _fail(ws, "0, but no results.csv with a row per point", full, output)
 
 
 BENCH_SHRINK = {
@@ -807,9 +815,9 @@ RULES = (
   Rule(("make",), run_make),
   Rule(("python", "scripts/train.py"), run_train),
   Rule(("python", "scripts/eval.py"), run_eval),
+  Rule(("python", "scripts/sweep.py"), run_sweep_script),
   Rule(("python", "scripts/convert_hf.py"), run_convert),
   Rule(("python", "scripts/bench*.py"), run_bench),
-  Rule(("python", "configs/*.py"), run_config_script),
 )
 
 

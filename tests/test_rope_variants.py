@@ -1,13 +1,18 @@
-"""RoPE paper variants (abf, eabf, giraffe, nope), partial rotary, the registry, bad input."""
+"""RoPE paper variants (abf, eabf, giraffe, nope, ntk), untuned-study keys, model-level identities
+(dynamic NTK = trained at <= T0, = fixed NTK-aware at s * T0), partial rotary, the registry, bad
+input."""
 
 import math
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from test_rope import _rotate, _theta
 
-from lcjax.positional import rope
+from lcjax.models import build_model, llama_config
+from lcjax.positional import rope, rope_variants
+from lcjax.train.run_model import model_from_params
 
 # ------------------------------------------------------------------------------------------------
 # lcjax additions.
@@ -82,6 +87,64 @@ def test_nope_is_identity():
   positions_BT = jnp.broadcast_to(jnp.arange(9) * 1000, (2, 9))
   np.testing.assert_array_equal(_rotate(params, 64, x_BTHD, positions_BT), x_BTHD)
   assert attention_factor == 1.0
+
+
+@pytest.mark.parametrize("factor,head_dim", [(4.0, 128), (16.0, 32)])
+def test_ntk_aware_base(factor, head_dim):
+  """bloc97's fixed NTK-aware RoPE: base' = base * s^(d/(d-2)); the last pair is PI's, the first
+  unchanged."""
+  params = {"rope_type": "ntk", "rope_theta": 100.0, "factor": factor}
+  inv_freq, attention_factor = rope.compute_inv_freq(params, head_dim)
+  got = np.asarray(inv_freq, np.float64)
+  base = 100.0 * factor ** (head_dim / (head_dim - 2))
+  np.testing.assert_allclose(got, _theta(base, head_dim), rtol=1e-6)
+  np.testing.assert_allclose(got[-1], _theta(100.0, head_dim)[-1] / factor, rtol=1e-6)
+  assert got[0] == 1.0 and attention_factor == 1.0
+  with pytest.raises(ValueError, match="rotary dim > 2"):
+    rope.compute_inv_freq(params, 2)
+
+
+def test_longrope_factors_are_the_yarn_ramp():
+  """`longrope` with `longrope_factors` has YaRN's frequencies above T0 and the trained ones at
+  or below it; only the attention factor differs (sqrt(1 + ln s / ln T0))."""
+  head_dim, theta, factor, t0 = 32, 100.0, 4.0, 128
+  keys = rope_variants.longrope_factors(head_dim, theta, factor, t0)
+  assert keys["short_factor"] == [1.0] * 16 and len(keys["long_factor"]) == 16
+  long_factor = np.asarray(keys["long_factor"])
+  assert long_factor[0] == 1.0 and long_factor[-1] == pytest.approx(factor)
+  assert np.all(np.diff(long_factor) >= 0), "LongRoPE's monotone constraint"
+  params = {
+    "rope_type": "longrope",
+    "rope_theta": theta,
+    "factor": factor,
+    "original_max_position_embeddings": t0,
+    **keys,
+  }
+  yarn = {k: params[k] for k in ("rope_theta", "factor", "original_max_position_embeddings")}
+  yarn_inv_freq, _ = rope.compute_inv_freq({"rope_type": "yarn", **yarn}, head_dim)
+  long_inv_freq, attention_factor = rope.compute_inv_freq(params, head_dim, seq_len=4 * t0)
+  short_inv_freq, _ = rope.compute_inv_freq(params, head_dim, seq_len=t0)
+  np.testing.assert_allclose(long_inv_freq, yarn_inv_freq, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(short_inv_freq, np.float64), _theta(theta, 32), rtol=1e-6)
+  assert attention_factor == pytest.approx(math.sqrt(1 + math.log(factor) / math.log(t0)))
+
+
+def test_giraffe_truncate_wavelength_keeps_what_pretraining_cycled():
+  """With truncate_wavelength = s * T0, exactly the pairs whose unscaled wavelength is <= T0 (a
+  full cycle in pretraining) keep their linearly scaled frequency."""
+  head_dim, theta, factor, t0 = 32, 100.0, 4.0, 128
+  params = {
+    "rope_type": "giraffe",
+    "rope_theta": theta,
+    "factor": factor,
+    "truncate_wavelength": rope_variants.giraffe_truncate_wavelength(factor, t0),
+  }
+  got = np.asarray(rope.compute_inv_freq(params, head_dim)[0], np.float64)
+  trained = _theta(theta, head_dim)
+  cycled = 2 * math.pi / trained <= t0
+  assert cycled.sum() == 11, "critical dimension 2*ceil(16 log_100(128 / 2 pi)) = 22 = 2 * 11"
+  np.testing.assert_allclose(got[cycled], trained[cycled] / factor, rtol=1e-6)
+  np.testing.assert_allclose(got[~cycled], 2 * math.pi / (16 * factor * t0), rtol=1e-6)
 
 
 def test_partial_rotary_leaves_tail_pairs_unrotated():
@@ -226,3 +289,63 @@ def test_bad_hf_config_raises():
     )
   with pytest.raises(ValueError, match=r"hf_config\['rope_parameters'\] must be a dict"):
     rope.standardize_rope_parameters({"rope_parameters": [1, 2]})
+
+
+# ------------------------------------------------------------------------------------------------
+# Model-level identities: the same weights under another RoPE dict (`model_from_params`).
+
+_T0 = 16
+
+
+def _tiny_lm():
+  """A tiny DecoderLM trained (here: initialized) at T0 = 16 with theta = 100, head_dim 16."""
+  rope_dict = dict(rope_type="default", rope_theta=100.0, max_position_embeddings=_T0)
+  cfg = llama_config(
+    dtype="float32",
+    vocab_size=64,
+    d_model=32,
+    num_heads=2,
+    num_kv_heads=1,
+    mlp_dim=64,
+    num_layers=2,
+    max_position_embeddings=_T0,
+    rope=rope_dict,
+  )
+  model = build_model(cfg, rngs=nnx.Rngs(3))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg
+
+
+def _logits(params, cfg, rope_dict, length):
+  model = model_from_params(params, cfg, rope_dict)
+  tokens_BT = np.random.default_rng(length).integers(0, 64, size=(2, length)).astype(np.int32)
+  return np.asarray(model(jnp.asarray(tokens_BT)))
+
+
+@pytest.mark.parametrize("length", [_T0 // 2, _T0])
+def test_dynamic_ntk_at_most_t0_is_the_trained_model(length):
+  """HF dynamic NTK: seq_len = max position + 1 <= max_position_embeddings leaves the base
+  unchanged (ratio exactly 1 in fp32, times exp(0) = 1), so the logits equal the trained RoPE's
+  bit for bit."""
+  params, cfg = _tiny_lm()
+  dynamic = dict(rope_type="dynamic", rope_theta=100.0, factor=4.0, max_position_embeddings=_T0)
+  trained = _logits(params, cfg, None, length)
+  np.testing.assert_array_equal(_logits(params, cfg, dynamic, length), trained)
+
+
+@pytest.mark.parametrize("dynamic_factor,scale", [(1.0, 4), (1.0, 2), (2.0, 4)])
+def test_dynamic_ntk_at_s_t0_is_fixed_ntk_aware(dynamic_factor, scale):
+  """At length s * T0, HF's dynamic base is base * (f * s - (f - 1))^(d/(d-2)): fixed NTK-aware
+  with factor s needs dynamic factor f = 1 (emozilla's original dynamic NTK, alpha = L / T0).
+  With HF's f > 1 the same length equals NTK-aware with factor f * s - f + 1 (7 for f=2, s=4).
+  The dynamic base is computed in fp32 from the traced length and the fixed one in fp64, so the
+  logits agree to fp32 rounding (measured <= 9e-8 of logits ~0.4), not bit for bit."""
+  params, cfg = _tiny_lm()
+  length = scale * _T0
+  dynamic = dict(
+    rope_type="dynamic", rope_theta=100.0, factor=dynamic_factor, max_position_embeddings=_T0
+  )
+  ntk = dict(rope_type="ntk", rope_theta=100.0, factor=dynamic_factor * scale - dynamic_factor + 1)
+  got = _logits(params, cfg, dynamic, length)
+  np.testing.assert_allclose(got, _logits(params, cfg, ntk, length), rtol=0, atol=1e-6)
+  # A random tiny model barely uses position, yet the scaling moves its logits ~1e-3.
+  assert np.max(np.abs(got - _logits(params, cfg, None, length))) > 1e-4, "scaling changes it"

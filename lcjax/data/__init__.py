@@ -24,8 +24,8 @@ from lcjax.data.tokenizers import check_tokenizer_options as check_tokenizer_opt
 
 # --- end sources and tokenizers ---
 
-# --- config, packing, mixtures, dataset decomposition, pipeline (config.py, packing.py, mixture.py,
-# decomposition.py, pipeline.py) ---
+# --- config, packing, mixtures, dataset decomposition, pipeline, synthetic rows (config.py,
+# packing.py, mixture.py, decomposition.py, pipeline.py, synthetic.py) ---
 # isort: split
 from lcjax.data.config import DECOMPOSITION_DEFAULTS as DECOMPOSITION_DEFAULTS
 from lcjax.data.config import default_data_config as default_data_config
@@ -42,5 +42,8 @@ from lcjax.data.packing import row_loss_weights as row_loss_weights
 from lcjax.data.pipeline import TrainIterator as TrainIterator
 from lcjax.data.pipeline import make_eval_documents as make_eval_documents
 from lcjax.data.pipeline import make_train_iterator as make_train_iterator
+from lcjax.data.synthetic import SYNTHETIC_OPTIONS as SYNTHETIC_OPTIONS
+from lcjax.data.synthetic import SYNTHETIC_TASKS as SYNTHETIC_TASKS
+from lcjax.data.synthetic import SyntheticRows as SyntheticRows
 
-# --- end config, packing, mixtures, dataset decomposition, pipeline ---
+# --- end config, packing, mixtures, dataset decomposition, pipeline, synthetic rows ---

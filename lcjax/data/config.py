@@ -31,6 +31,12 @@ Keys (defaults in parentheses):
   Decomposition batches; `tokens_per_batch` defaults to `batch_size * 2^max_log2`, i.e.
   `batch_size` rows of the longest bucket. From the command line, a dict literal:
   `--config.data.decomposition='{"min_log2": 3}'` (`'{}'` for all defaults).
+- `synthetic` (task unset): generated task rows instead of packed documents
+  (`lcjax.data.synthetic`): `task` (one of `SYNTHETIC_TASKS`, e.g. "passkey") and that task's
+  options (`SYNTHETIC_OPTIONS`, unset but what the task reads), e.g.
+  `--config.data.synthetic.task=passkey --config.data.synthetic.lm_weight=0.1`. It trains on
+  those rows alone: it cannot be combined with `mixture` or `decomposition`, and needs
+  `loss_weighting="token"` (the task sets the weights) and `num_workers=0`.
 - `shuffle` (True): reshuffle documents every epoch (else the source order every epoch).
 - `split` (`"train"`): the source split to train on.
 - `num_workers` (0): grain worker processes (`mp_prefetch`); 0 runs in the calling thread. With
@@ -57,6 +63,7 @@ from lcjax.config import ConfigError
 from lcjax.data.decomposition import CURRICULA
 from lcjax.data.packing import LOSS_WEIGHTINGS, POSITION_SCHEMES
 from lcjax.data.sources import SOURCE_OPTIONS, check_source_options
+from lcjax.data.synthetic import SYNTHETIC_OPTIONS, check_synthetic_options
 from lcjax.data.tokenizers import TOKENIZER_OPTIONS, check_tokenizer_options
 
 __all__ = ["DECOMPOSITION_DEFAULTS", "default_data_config", "validate_data_config"]
@@ -87,6 +94,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "loss_weighting": "token",
       "mixture": placeholder(object),
       "decomposition": placeholder(object),
+      "synthetic": {key: placeholder(kind) for key, kind in SYNTHETIC_OPTIONS.items()},
       "shuffle": True,
       "split": "train",
       "num_workers": 0,
@@ -248,4 +256,31 @@ def validate_data_config(data_config: Any) -> dict[str, Any]:
     raise ConfigError(
       "data.mixture and data.decomposition cannot be combined; set one of them to None"
     )
+  config["synthetic"] = _check_synthetic(config)
   return config
+
+
+def _check_synthetic(config: dict) -> dict | None:
+  """`data.synthetic`'s task options with defaults (None: off); the fields it excludes."""
+  synthetic = config["synthetic"]
+  if synthetic is not None and not isinstance(synthetic, Mapping):
+    raise ConfigError("data.synthetic must be a dict such as {'task': 'passkey'}")
+  options = check_synthetic_options(synthetic)
+  if options is None:
+    return None
+  for field in ("mixture", "decomposition"):
+    if config[field] is not None:
+      raise ConfigError(
+        f"data.synthetic.task={options['task']!r} trains on its own rows; set data.{field} to None"
+      )
+  if config["loss_weighting"] != "token":
+    raise ConfigError(
+      f"data.synthetic.task={options['task']!r} sets its own loss weights; set "
+      "data.loss_weighting='token'"
+    )
+  if config["num_workers"]:
+    raise ConfigError(
+      f"data.synthetic.task={options['task']!r} rows are generated in the training process; "
+      "set data.num_workers=0"
+    )
+  return options

@@ -4,7 +4,9 @@
 `tokens, targets, segment_ids, positions, loss_weights`, each `[batch_size, seq_len]` (int32,
 `loss_weights` float32), with the row semantics of `lcjax.data.packing`. With
 `data.decomposition` set, batches are Dataset Decomposition batches instead
-(`lcjax.data.decomposition`): `[tokens_per_batch / 2^k, 2^k]` with `k` varying per step.
+(`lcjax.data.decomposition`): `[tokens_per_batch / 2^k, 2^k]` with `k` varying per step. With
+`data.synthetic.task` set, rows are that task's generated rows (`lcjax.data.synthetic`), and
+`data.source` is not read.
 
 Order. Each source's documents are sharded by process first (process `i` of `n` takes documents
 `i, i + n, i + 2n, ...` of the source, so processes never share a document and each packs its own
@@ -41,6 +43,7 @@ from lcjax.data.decomposition import DecomposedBatcher
 from lcjax.data.mixture import MixedStream
 from lcjax.data.packing import COUNTER_KEYS, DocumentPacker, frame_document
 from lcjax.data.sources import build_source as default_build_source
+from lcjax.data.synthetic import SyntheticRows
 from lcjax.data.tokenizers import Tokenizer, UndecodableDocument
 from lcjax.data.tokenizers import build_tokenizer as default_build_tokenizer
 
@@ -196,6 +199,8 @@ def make_train_iterator(
       f"process_index={process_index} must be in [0, process_count={process_count})"
     )
   tokenizer = build_tokenizer(config["tokenizer"])
+  if config["synthetic"] is not None:
+    return _synthetic_iterator(config, tokenizer, batch_size, seed, process_index, process_count)
   if config["mixture"] is None:
     entries = [{"source": config["source"], "weight": 1.0, "name": config["source"]["kind"]}]
     fields = ["data.source"]
@@ -271,6 +276,37 @@ def make_train_iterator(
       flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config["num_workers"]))
   return TrainIterator(dataset, layout, names)
+
+
+def _synthetic_iterator(config, tokenizer, batch_size, seed, process_index, process_count):
+  """Batches of `data.synthetic`'s generated rows (no documents are read)."""
+  options = config["synthetic"]
+
+  def make_stream(docs: list[grain.MapDataset]) -> SyntheticRows:
+    del docs  # generated, not read
+    return SyntheticRows(
+      options,
+      tokenizer,
+      seq_len=config["seq_len"],
+      seed=seed,
+      split=config["split"],
+      process_index=process_index,
+      position_scheme=config["position_scheme"],
+    )
+
+  make_stream([])  # raises now (ConfigError) when a row cannot fit in seq_len
+  layout = {
+    "batch_size": int(batch_size),
+    "seq_len": config["seq_len"],
+    "process_index": int(process_index),
+    "process_count": int(process_count),
+    "num_workers": 0,
+    "sources": 1,
+    "decomposition": False,
+    "synthetic": options["task"],
+  }
+  dataset = _StreamDataset([], make_stream).batch(batch_size)
+  return TrainIterator(dataset, layout, [options["task"]])
 
 
 def make_eval_documents(

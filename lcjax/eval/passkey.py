@@ -40,6 +40,8 @@ __all__ = [
   "shortest_passkey_prompt",
   "passkey_accuracy",
   "first_integer",
+  "max_length_at",
+  "PASSKEY_THRESHOLD",
   "TASK",
   "GARBAGE",
   "NEEDLE",
@@ -55,6 +57,7 @@ GARBAGE = (
 )
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+PASSKEY_THRESHOLD = 0.9  # accuracy that counts as retrieved (max_length_at, eval.passkey)
 
 
 def _filler(num_chars: int) -> str:
@@ -143,6 +146,22 @@ def first_integer(text: str) -> int | None:
   """The first run of digits in `text` as an int (Landmark's scoring), or None."""
   match = _INTEGER.search(text)
   return None if match is None else int(match.group())
+
+
+def max_length_at(
+  lengths: Sequence[int], accuracy: Sequence[float], threshold: float = PASSKEY_THRESHOLD
+) -> int:
+  """The longest length L with accuracy >= threshold at every evaluated length <= L (0: none).
+
+  The state capacity of Chen et al. 2024 ("Stuffed Mamba", arXiv:2410.07145, §6): the
+  longest context at which the passkey is still retrieved.
+  """
+  best = 0
+  for length, acc in sorted(zip(lengths, accuracy, strict=True)):
+    if acc < threshold:
+      break
+    best = length
+  return int(best)
 
 
 def passkey_accuracy(

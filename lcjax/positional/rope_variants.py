@@ -9,6 +9,10 @@ the Hugging Face types (`rope=dict(rope_type="eabf", ...)`):
 - `giraffe`: Pal et al. 2023, Giraffe. Keys: rope_theta, truncate_wavelength, optional factor
   and scale_power.
 - `nope`: Kazemnejad et al. 2023, NoPE. No keys.
+- `ntk`: bloc97 2023, fixed "NTK-aware" scaled RoPE. Keys: rope_theta, factor.
+
+Helpers for untuned small-scale studies, where the searched or tuned keys of a type do not
+exist: `longrope_factors` (LongRoPE's per-dimension factors) and `giraffe_truncate_wavelength`.
 """
 
 import math
@@ -22,7 +26,9 @@ from lcjax.positional.rope import (
   Params,
   RopeType,
   _base_inv_freq,
+  _check_dynamic,
   _inv_freq_default,
+  _inv_freq_yarn,
   _is_number,
   register_rope_type,
 )
@@ -77,6 +83,22 @@ def _inv_freq_giraffe(params: Params, head_dim: int, dim: int, seq_len: Any):
   return inv_freq, 1.0
 
 
+def _inv_freq_ntk(params: Params, head_dim: int, dim: int, seq_len: Any):
+  """Fixed NTK-aware scaling (bloc97 2023, "NTK-Aware Scaled RoPE allows LLaMA models to have
+  extended (8k+) context size without any fine-tuning", r/LocalLLaMA; YaRN arXiv:2309.00071
+  §3.1, Definition 1): `base' = base * factor^(d / (d - 2))`, d the rotary dim.
+
+  The lowest frequency (i = d/2 - 1) is divided by exactly `factor`, as in PI, and the highest
+  (i = 0) is unchanged. Written as `base^(-2i/d) * factor^(-2i/(d-2))`, the form `dynamic` uses
+  (`_inv_freq_dynamic`), so `dynamic` with factor 1 at seq_len = factor * max_position_embeddings
+  computes the same numbers.
+  """
+  del head_dim, seq_len
+  exponents = np.arange(0, dim, 2, dtype=np.float64) / (dim - 2)
+  factor = float(params["factor"])
+  return _base_inv_freq(params["rope_theta"], dim) * factor ** (-exponents), 1.0
+
+
 def _inv_freq_nope(params: Params, head_dim: int, dim: int, seq_len: Any):
   """No positional encoding (Kazemnejad et al. 2023, "The Impact of Positional Encoding on Length
   Generalization in Transformers", arXiv:2305.19466): zero frequencies, identity rotation.
@@ -115,3 +137,68 @@ register_rope_type(
   RopeType(_inv_freq_giraffe, ("rope_theta", "truncate_wavelength"), ("factor",), _check_giraffe),
 )
 register_rope_type("nope", RopeType(_inv_freq_nope, required_keys=()))
+register_rope_type(
+  "ntk",
+  RopeType(_inv_freq_ntk, ("rope_theta", "factor"), ("factor",), check_fn=_check_dynamic),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Keys for untuned small-scale studies.
+
+
+def longrope_factors(
+  head_dim: int, rope_theta: float, factor: float, original_max_position_embeddings: int
+) -> dict[str, list[float]]:
+  """`short_factor` and `long_factor` for an untuned `longrope` run; NOT LongRoPE's searched ones.
+
+  LongRoPE (Ding et al. 2024, arXiv:2402.13753, §3.2) divides frequency i by a per-dimension
+  rescale factor `lambda_i >= 1` (non-decreasing in i) found by an evolutionary search on
+  perplexity at the target length, whose initial population holds the PI, NTK-aware and YaRN
+  factors. Without that search (a small model, no budget), this returns the YaRN member of
+  that initial population for the full head: `long_factor[i] = base_inv_freq_i /
+  yarn_inv_freq_i`, the "NTK-by-parts" ramp of YaRN (arXiv:2309.00071 §3.2; HF
+  `_compute_yarn_parameters`, beta_fast=32, beta_slow=1), which runs from 1 (dimensions that
+  rotate more than 32 times over `original_max_position_embeddings`) to `factor` (fewer than
+  once); and `short_factor = 1` everywhere, so up to `original_max_position_embeddings`
+  the frequencies are the trained ones. LongRoPE's other searched knob, the n-hat initial
+  positions left unscaled, has no field in the HF `longrope` type and is not modelled.
+
+  So `longrope` with these factors differs from `yarn` with the same factor only in its
+  attention factor, `sqrt(1 + ln(factor) / ln(original_max_position_embeddings))` applied at
+  every length (HF), against YaRN's `0.1 ln(factor) + 1`, and in switching to the short
+  factors at lengths <= `original_max_position_embeddings`.
+
+  Returns:
+    dict(short_factor=[head_dim // 2 floats], long_factor=[head_dim // 2 floats]), to merge
+    into a `rope_type="longrope"` dict with the same `factor` and
+    `original_max_position_embeddings`.
+  """
+  yarn = {
+    "rope_theta": rope_theta,
+    "factor": factor,
+    "original_max_position_embeddings": original_max_position_embeddings,
+  }
+  yarn_inv_freq, _ = _inv_freq_yarn(yarn, head_dim, head_dim, None)
+  base_inv_freq = _base_inv_freq(rope_theta, head_dim)
+  long_factor = base_inv_freq / yarn_inv_freq
+  return {
+    "short_factor": [1.0] * (head_dim // 2),
+    "long_factor": [float(x) for x in long_factor],
+  }
+
+
+def giraffe_truncate_wavelength(factor: float, original_max_position_embeddings: int) -> float:
+  """`truncate_wavelength` for an untuned `giraffe` run with linear `factor`: factor * T0.
+
+  Giraffe's truncated basis (Pal et al. 2023, arXiv:2308.10882; abacusai/Long-Context README:
+  keep "only frequencies that were fast enough so that [the model] got at least one full cycle
+  during training") keeps frequencies whose wavelength is at most `truncate_wavelength`, after
+  the division by `factor`. The paper fine-tunes with the basis; for an untuned model the
+  training that counts is pretraining at T0 = `original_max_position_embeddings`, and a
+  frequency made a full cycle there iff its wavelength after scaling is at most factor * T0.
+  So this choice keeps exactly the (scaled) frequencies pretraining saw a full cycle of, maps
+  the next octaves (wavelengths up to 8 * factor * T0) to one slow frequency and zeroes the
+  rest. It is a documented choice for small-scale runs, not a value from the paper.
+  """
+  return float(factor) * float(original_max_position_embeddings)

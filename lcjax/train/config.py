@@ -16,11 +16,15 @@ import ml_collections
 
 from lcjax.config import ConfigError, require
 from lcjax.data import default_data_config, validate_data_config
+from lcjax.eval.passkey import PASSKEY_THRESHOLD
+from lcjax.eval.perplexity import PPL_PROTOCOLS
+from lcjax.interop.safetensors_io import CheckpointError
 from lcjax.models import validate_model
 from lcjax.models.config import head_dim, llama_config
 from lcjax.parallel.mesh import validate_parallel_config
 from lcjax.positional.rope import validate_rope_parameters
 from lcjax.train.run_model import RUNTIME_MODEL_FIELDS, model_config_for_run
+from lcjax.train.run_model import init_model_config as read_init_model_config
 
 __all__ = ["base_config", "validate_config"]
 
@@ -57,29 +61,65 @@ def base_config() -> ml_collections.ConfigDict:
     every_steps=200,  # validation loss during training; 0 turns it off
     batches=4,
     ppl_lengths=(),  # context lengths for perplexity vs. length at the end of training
-    ppl_stride_fraction=1.0,
+    ppl_protocol="sliding",  # or "truncated": one window of L tokens per document (YaRN)
+    ppl_stride_fraction=1.0,  # sliding windows only
     ppl_max_documents=16,
     rope_variants={},  # name -> rope dict used at evaluation time (e.g. YaRN without training)
-    passkey=dict(enabled=False, lengths=(), depths=(0.0, 0.5, 1.0), trials=4),
+    # threshold: eval/passkey_max_length is the longest length with accuracy >= threshold
+    passkey=dict(
+      enabled=False, lengths=(), depths=(0.0, 0.5, 1.0), trials=4, threshold=PASSKEY_THRESHOLD
+    ),
+    # Mamba-2 SSM-state statistics every `every` positions of a `length`-token passkey prompt
+    # (lcjax.eval.state_capacity.state_norm_evaluation): eval/state_norms.json, eval/state_*
+    state_norms=dict(enabled=False, length=4096, every=64),
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)
   c.parallel = dict(context_strategy="ring", layout="zigzag")
   c.attention = dict(impl="auto", block_q=512, block_kv=512)
-  c.init_from = ml_collections.config_dict.placeholder(str)  # a Hugging Face folder
+  # A Hugging Face folder, an lcjax run folder (its newest complete checkpoint) or an lcjax
+  # params folder (scripts/convert_hf.py --to lcjax); see lcjax.train.run_model.load_init.
+  c.init_from = ml_collections.config_dict.placeholder(str)
   c.model_overrides = {}  # applied on top of the checkpoint's model config with init_from
   return c
 
 
-def validate_config(config, *, num_devices: int | None = None) -> None:
+def validate_config(config, *, num_devices: int | None = None, init_model_config=None) -> None:
   """Raises ConfigError (one sentence: field and fix) before anything is traced.
 
   `num_devices`: the devices the mesh will span (default: all visible devices).
+  `init_model_config`: the model config `init_from` will hold, for a checkpoint that is
+  not written yet (a sweep point that starts after another); by default it is read from
+  the `init_from` folder's config file, so `model_overrides` are checked before loading.
   """
   model_cfg = None
   if config.init_from is None:
     model_cfg = model_config_for_run(config)
+  else:
+    if init_model_config is None:
+      require(
+        os.path.isdir(config.init_from),
+        f"init_from={config.init_from!r} is not a folder; point it at a Hugging Face "
+        "checkpoint, an lcjax run folder or an lcjax params folder",
+      )
+      try:
+        init_model_config = read_init_model_config(config.init_from)
+      except (CheckpointError, FileNotFoundError) as e:
+        raise ConfigError(f"init_from: {e}") from None
+    model_cfg = model_config_for_run(config, init_model_config)
+  try:
     validate_model(model_cfg)
+  except ConfigError as e:
+    if config.init_from is None:
+      raise
+    # The fields are the init_from model's with model_overrides applied.
+    raise ConfigError(f"init_from model with model_overrides: {e}") from None
   _validate_rope_variants(config.eval.rope_variants, model_cfg)
+  require(
+    config.eval.ppl_protocol in PPL_PROTOCOLS,
+    f"eval.ppl_protocol={config.eval.ppl_protocol!r} is unknown; choose one of "
+    f"{', '.join(PPL_PROTOCOLS)}",
+  )
+  _validate_eval_tasks(config.eval, model_cfg)
   validate_data_config(config.data)
   t = config.train
   for name in ("steps", "batch_size", "grad_accum", "loss_chunk", "log_every"):
@@ -97,11 +137,27 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     batch_size=t.batch_size // t.grad_accum,
     num_devices=num_devices,
   )
-  if config.init_from is not None:
-    require(
-      os.path.isdir(config.init_from),
-      f"init_from={config.init_from!r} is not a folder; point it at a Hugging Face checkpoint",
-    )
+
+
+def _validate_eval_tasks(ev, model_cfg) -> None:
+  """eval.passkey's threshold and eval.state_norms (a Mamba-2 model, every <= length)."""
+  threshold = ev.passkey.get("threshold", PASSKEY_THRESHOLD)  # a config may replace the dict
+  require(
+    0.0 <= threshold <= 1.0,
+    f"eval.passkey.threshold={threshold} must be an accuracy in [0, 1], e.g. 0.9",
+  )
+  sn = ev.get("state_norms")
+  if sn is None or not sn.enabled:
+    return
+  require(
+    model_cfg.get("family") == "mamba2",
+    f"eval.state_norms measures Mamba-2 SSM states, but model.family is "
+    f"{model_cfg.get('family')!r}; set eval.state_norms.enabled=False",
+  )
+  require(
+    1 <= sn.every <= sn.length,
+    f"eval.state_norms.every={sn.every} must be in [1, eval.state_norms.length={sn.length}]",
+  )
 
 
 def _validate_rope_variants(variants, model_cfg) -> None:

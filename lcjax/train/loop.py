@@ -30,7 +30,7 @@ from lcjax.train.checkpoint import Checkpointer
 from lcjax.train.config import validate_config
 from lcjax.train.evaluate import final_evaluations
 from lcjax.train.flops import flops_per_token, peak_flops
-from lcjax.train.metrics import MetricsWriter
+from lcjax.train.metrics import MetricsWriter, write_run_config
 from lcjax.train.optim import make_optimizer
 from lcjax.train.progress import Progress
 from lcjax.train.run_model import (
@@ -84,16 +84,12 @@ class _StopFlag:
       signal.signal(sig, old)
 
 
-def _write_config(config, workdir: str) -> None:
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
-
-
 def train(config, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+  """Trains (or resumes) the run in `workdir`.
+
+  Returns the last logged metrics and `step`, the step the run reached (below
+  `train.steps` when a signal stopped it).
+  """
   validate_config(config)
   mesh = make_mesh(config.mesh)
   os.makedirs(workdir, exist_ok=True)
@@ -101,7 +97,7 @@ def train(config, workdir: str) -> dict[str, Any]:
 
   model, model_cfg = build_run_model(config)
   if primary:
-    _write_config(config, workdir)
+    write_run_config(config, workdir)
     write_model_config(model_cfg, workdir)
   graphdef, _ = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -145,7 +141,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     config.train.steps, start_step, every=config.train.log_every, quiet=not primary
   )
   progress.message(
-    f"model: {model_cfg.family}, {n_params:,} params; data: {config.data.source.get('kind')}, "
+    f"model: {model_cfg.family}, {n_params:,} params; data: {_data_name(config.data)}, "
     f"seq_len {seq_len}, batch {config.train.batch_size}; "
     f"steps {start_step}->{config.train.steps}; mesh {dict(mesh.shape)}"
   )
@@ -193,7 +189,13 @@ def train(config, workdir: str) -> dict[str, Any]:
       print("multi-process run: evaluate with `python scripts/eval.py` in one process")
   elif step >= config.train.steps:
     final_evaluations(config, workdir, state["params"], model_cfg, step)
-  return last
+  return {**last, "step": step}
+
+
+def _data_name(data) -> str:
+  """What the rows are: the source kind, or the synthetic task (`lcjax.data.synthetic`)."""
+  task = data.get("synthetic", {}).get("task")
+  return f"synthetic {task}" if task else str(data.source.get("kind"))
 
 
 def _flat_stats(stats: dict, prefix: str = "") -> dict[str, float]:

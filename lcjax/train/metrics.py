@@ -1,4 +1,4 @@
-"""Run outputs: `metrics.jsonl` (one JSON object a line) and TensorBoard events.
+"""Run outputs: `config.json`, `metrics.jsonl` (one JSON object a line), TensorBoard events.
 
 On resume, lines for steps after the restored checkpoint are dropped first, so a
 run killed after its last checkpoint and rerun logs every step exactly once.
@@ -13,7 +13,7 @@ from typing import Any
 
 from lcjax.train.tensorboard import EventWriter
 
-__all__ = ["MetricsWriter", "read_metrics"]
+__all__ = ["MetricsWriter", "read_metrics", "write_run_config"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -22,6 +22,15 @@ def _jsonable(value: Any) -> Any:
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)  # JSON has no NaN/inf; keep them readable
   return value
+
+
+def write_run_config(config, workdir: str) -> None:
+  """Writes `workdir/config.json`, the resolved run config, atomically."""
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -31,8 +31,9 @@ from jax.sharding import Mesh
 
 from lcjax.config import ConfigError, require
 from lcjax.data.packing import ROW_KEYS
-from lcjax.interop.hf import load_pretrained
-from lcjax.interop.native import MODEL_CONFIG_FILE, read_model_config
+from lcjax.interop.hf import config_from_hf, load_pretrained
+from lcjax.interop.native import MODEL_CONFIG_FILE, load_params, read_model_config
+from lcjax.interop.safetensors_io import CONFIG_FILE, read_config
 from lcjax.models import build_model, default_model_config
 from lcjax.parallel.sharding import batch_sharding
 from lcjax.train.checkpoint import Checkpointer
@@ -49,6 +50,8 @@ __all__ = [
   "abstract_setup",
   "batch_spec",
   "build_run_model",
+  "init_model_config",
+  "load_init",
   "load_run_params",
   "model_config_for_run",
   "model_from_params",
@@ -81,7 +84,7 @@ def _section_value(config, dotted: str):
   return config[section][field]
 
 
-def model_config_for_run(config, hf_model_config=None) -> ml_collections.ConfigDict:
+def model_config_for_run(config, init_model_config=None) -> ml_collections.ConfigDict:
   """The model config a run builds: `config.model`, or the checkpoint's (`init_from`).
 
   The attention implementation, its block sizes and the context strategy come from
@@ -89,7 +92,7 @@ def model_config_for_run(config, hf_model_config=None) -> ml_collections.ConfigD
   attention; a `config.model` or `model_overrides` that holds one of those fields with
   another value is an error naming both spellings.
 
-  With a checkpoint (`hf_model_config`), the architecture is the checkpoint's:
+  With a checkpoint (`init_model_config`), the architecture is the checkpoint's:
   `model_overrides` change fields on it, and the fields that only say how the weights
   are computed with (`TRAINING_MODEL_FIELDS`: compute dtype, remat) come from
   `config.model`. The other fields a config sets in `config.model` (away from its
@@ -97,10 +100,10 @@ def model_config_for_run(config, hf_model_config=None) -> ml_collections.ConfigD
   that differs, so a recipe's model (e.g. the quickstart's) can be reused with any
   checkpoint without a setting being dropped unseen.
   """
-  base = config.model if hf_model_config is None else hf_model_config
+  base = config.model if init_model_config is None else init_model_config
   cfg = base.copy_and_resolve_references()
   cfg.unlock()  # a copy of a locked run config's section; it gains the runtime fields
-  if hf_model_config is None:
+  if init_model_config is None:
     require(
       not config.model_overrides,
       f"model_overrides={_plain(config.model_overrides)} applies to an init_from checkpoint, "
@@ -121,7 +124,9 @@ def model_config_for_run(config, hf_model_config=None) -> ml_collections.ConfigD
     replaced = {
       key: value
       for key, value in configured.items()
-      if key not in TRAINING_MODEL_FIELDS and _plain(cfg.get(key)) != _plain(value)
+      if key not in TRAINING_MODEL_FIELDS
+      and key not in config.model_overrides
+      and _plain(cfg.get(key)) != _plain(value)
     }
     if replaced:
       log.warning(
@@ -176,10 +181,36 @@ def build_run_model(config, *, seed: int | None = None) -> tuple[nnx.Module, Any
   if config.init_from is None:
     cfg = model_config_for_run(config)
     return build_model(cfg, rngs=nnx.Rngs(config.train.seed if seed is None else seed)), cfg
-  loaded, hf_cfg = load_pretrained(config.init_from)
-  cfg = model_config_for_run(config, hf_cfg)
+  params, init_cfg = load_init(config.init_from)
+  cfg = model_config_for_run(config, init_cfg)
   # The loaded weights in a graph rebuilt with the run's fields (attention, rope overrides).
-  return model_from_params(nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), cfg), cfg
+  return model_from_params(params, cfg), cfg
+
+
+def init_model_config(path: str) -> ml_collections.ConfigDict:
+  """The model config of what `init_from` names, from its config file alone (no weights)."""
+  cfg = read_model_config(path)
+  if cfg is not None:
+    return cfg
+  return config_from_hf(read_config(path), source=os.path.join(path, CONFIG_FILE))
+
+
+def load_init(path: str) -> tuple[Any, ml_collections.ConfigDict]:
+  """(params, model_config) of what `init_from` names, by what the folder holds.
+
+  - an lcjax run folder (`model_config.json` + `checkpoints/`): its newest complete
+    checkpoint's parameters (the optimizer state is not carried over);
+  - an lcjax params folder (`model_config.json` + `params/`, `scripts/convert_hf.py --to lcjax`);
+  - otherwise a Hugging Face folder (`config.json` + safetensors).
+  """
+  if read_model_config(path) is not None:
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+      params, cfg, _ = load_run_params(path)
+      return params, cfg
+    model, cfg = load_params(path)
+  else:
+    model, cfg = load_pretrained(path)
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg
 
 
 def abstract_model(model_cfg) -> nnx.Module:
