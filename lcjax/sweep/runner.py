@@ -187,5 +187,10 @@ def run_sweep(
     jax.clear_caches()  # each point compiles its own shapes; keep memory flat over the sweep
   rows = gather_results(spec, sweep_dir)
   written = write_results(spec, sweep_dir, rows)
-  print(f"sweep: {len(ran)} run, {len(skipped)} skipped; wrote {', '.join(written)}", file=out)
+  plots = [w for w in written if w.endswith(".png")]
+  print(
+    f"sweep: {len(ran)} run, {len(skipped)} skipped; wrote {os.path.join(sweep_dir, 'results.csv')}"
+    f", results.md and {len(plots)} plots in {os.path.join(sweep_dir, 'plots')}",
+    file=out,
+  )
   return {"ran": ran, "skipped": skipped, "results": rows}
