@@ -31,8 +31,14 @@ held-out file cut to its first L+1 tokens, one window of L; `eval.ppl_protocol`)
 passkey prompt (248 bytes). results.md has one row per point; plots/ppl_vs_length_untuned.png
 and plots/ppl_vs_length_tuned.png draw them, plots/passkey_<point>.png the heatmaps.
 README.md, "Reproducing RoPE extrapolation", has the measured table and claim-by-claim
-verdicts. Args: `runlocal` (≤ 30 min on 2 CPU cores, all stages), `smoke` (every point,
-a 2-layer d64 model at T0=32 and a few steps: ≤ 3 min), `theta=`, `steps=`.
+verdicts. Expect (runlocal, measured 2026-11-29): pretrain 1x/16x perplexity 11.67/14.83;
+dynamic = pretrain at 1x; PI s=4 22.18 at 1x; fine-tuned YaRN s=4 10.89 at 4x; passkey 0.00
+everywhere (the byte model never learns retrieval at this size). 24.5 min of point time on
+a loaded 2-core machine (~19 min idle).
+
+Args: `runlocal` (≤ 30 min on 2 CPU cores, all stages), `smoke` (every point, a 2-layer
+d64 model at T0=32 and a few steps, passkey only on the trained points: ≤ 3 min),
+`theta=`, `steps=`.
 """
 
 from lcjax.config import parse_arg
