@@ -122,20 +122,22 @@ def test_print_commands_are_valid_train_and_eval_commands(finished_sweep, tmp_pa
   assert lines[0].startswith("python scripts/train.py --config ")
   assert "--sweep_point ft" in lines[1] and lines[1].endswith("# after pretrain")
   assert "scripts/eval.py" in lines[2] and "--config.init_from=" in lines[2]
-  # The eval-only point's printed command, run as printed (into another folder),
-  # measures what the runner measured.
-  command = lines[2].split("  #")[0].split()
-  workdir = str(tmp_path / "pi2_again")
-  command[command.index("--workdir") + 1] = workdir
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("LCJAX_TEST_XLA_FLAGS", ""))
-  proc = subprocess.run(
-    [sys.executable, *command[1:]], cwd=REPO, env=env, capture_output=True, text=True
-  )
-  assert proc.returncode == 0, proc.stdout + proc.stderr
+  # The fine-tune's and the eval-only point's printed commands, run as printed (into other
+  # folders), measure what the runner measured.
   rows = {r["point"]: r for r in csv.DictReader(open(os.path.join(sweep_dir, "results.csv")))}
-  lines_ = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
-  ppl = {k: v for row in lines_ for k, v in row.items() if k.startswith("eval/ppl@")}
-  assert ppl["eval/ppl@64/trained"] == pytest.approx(float(rows["pi2"]["eval/ppl@64/trained"]))
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("LCJAX_TEST_XLA_FLAGS", ""))
+  for point, line in (("ft", lines[1]), ("pi2", lines[2])):
+    command = line.split("  #")[0].split()
+    workdir = str(tmp_path / f"{point}_again")
+    command[command.index("--workdir") + 1] = workdir
+    proc = subprocess.run(
+      [sys.executable, *command[1:]], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    logged = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    ppl = {k: v for row in logged for k, v in row.items() if k.startswith("eval/ppl@")}
+    expected = float(rows[point]["eval/ppl@64/trained"])
+    assert ppl["eval/ppl@64/trained"] == pytest.approx(expected, rel=1e-5), point
 
 
 def test_interrupted_point_resumes_from_its_checkpoint(tmp_path, capsys):
