@@ -38,6 +38,7 @@ from lcjax.sweep.results import gather_results, write_results
 from lcjax.train import train
 from lcjax.train.config import validate_config
 from lcjax.train.evaluate import evaluate_init
+from lcjax.train.progress import format_duration
 from lcjax.train.run_model import init_model_config, model_config_for_run
 
 __all__ = [
@@ -116,13 +117,6 @@ def print_commands(spec: SweepSpec, sweep_dir: str, points: list[Point], out=Non
     print(shlex.join(args) + wait, file=out)
 
 
-def _eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  m, s = divmod(seconds, 60)
-  h, m = divmod(m, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def _run_point(point: Point, config, workdir: str) -> bool:
   """Trains or evaluates one point; True when it finished (not stopped by a signal)."""
   if point.eval_only:
@@ -154,12 +148,12 @@ def run_sweep(
   t_start = time.time()
   for i, point in enumerate(todo):
     elapsed = time.time() - t_start
-    eta = f", ETA {_eta(elapsed / i * (len(todo) - i))}" if i else ""
+    eta = f", ETA {format_duration(elapsed / i * (len(todo) - i))}" if i else ""
     kind = "eval only" if point.eval_only else "train"
     after = f" after {point.after}" if point.after else ""
     print(
       f"sweep: point {i + 1}/{len(todo)} {point.name} ({kind}{after}); "
-      f"elapsed {_eta(elapsed)}{eta}",
+      f"elapsed {format_duration(elapsed)}{eta}",
       file=out,
       flush=True,
     )

@@ -6,10 +6,11 @@ import os
 import sys
 import time
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "format_duration"]
 
 
-def _eta(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+  """H:MM:SS, or MM:SS under an hour (progress lines, ETAs)."""
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
@@ -28,7 +29,7 @@ class Progress:
   def update(self, step: int, loss: float, tokens_per_sec: float) -> None:
     done = step - self.start
     rate = done / max(time.time() - self.t0, 1e-9)
-    eta = _eta((self.total - step) / rate) if rate > 0 else "?"
+    eta = format_duration((self.total - step) / rate) if rate > 0 else "?"
     text = f"step {step}/{self.total} loss {loss:.4f} {tokens_per_sec:,.0f} tok/s eta {eta}"
     if self.tty:
       width = 24
