@@ -9,8 +9,7 @@ from __future__ import annotations
 from absl import flags, logging
 from ml_collections import config_flags
 
-from lcjax.cli import fail, run
-from lcjax.config import ConfigError
+from lcjax.cli import run
 from lcjax.sweep.points import config_for_flags
 from lcjax.train.config import validate_config
 from lcjax.train.evaluate import evaluate_workdir
@@ -28,12 +27,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)
-  try:
-    config = config_for_flags(flags.FLAGS["config"], _SWEEP_POINT.value)
-    validate_config(config)
-    evaluate_workdir(config, _WORKDIR.value)
-  except (ConfigError, FileNotFoundError) as e:
-    return fail(str(e))
+  config = config_for_flags(flags.FLAGS["config"], _SWEEP_POINT.value)
+  validate_config(config)
+  evaluate_workdir(config, _WORKDIR.value)
   return 0
 
 

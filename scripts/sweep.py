@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from lcjax.cli import fail, run
-from lcjax.config import ConfigError
+from lcjax.cli import run
 from lcjax.sweep import list_points, load_sweep, print_commands, run_sweep
 from lcjax.sweep.points import with_dependencies
 from lcjax.train import TrainingDiverged
@@ -33,22 +32,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)
-  try:
-    spec = load_sweep(_CONFIG.value)
-    if _LIST.value:
-      list_points(spec, _WORKDIR.value)
-      return 0
-    if _PRINT.value:
-      points = with_dependencies(spec, _ONLY.value) if _ONLY.value else list(spec.points)
-      print_commands(spec, _WORKDIR.value, points)
-      return 0
-    run_sweep(spec, _WORKDIR.value, only=_ONLY.value)
-  except (ConfigError, FileNotFoundError) as e:
-    return fail(str(e))
-  except TrainingDiverged as e:
-    return fail(str(e), 3)
+  spec = load_sweep(_CONFIG.value)
+  if _LIST.value:
+    list_points(spec, _WORKDIR.value)
+    return 0
+  if _PRINT.value:
+    points = with_dependencies(spec, _ONLY.value) if _ONLY.value else list(spec.points)
+    print_commands(spec, _WORKDIR.value, points)
+    return 0
+  run_sweep(spec, _WORKDIR.value, only=_ONLY.value)
   return 0
 
 
 if __name__ == "__main__":
-  run(main, config_flags=())
+  run(main, config_flags=(), errors={TrainingDiverged: 3})

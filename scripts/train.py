@@ -12,7 +12,7 @@ from __future__ import annotations
 from absl import flags, logging
 from ml_collections import config_flags
 
-from lcjax.cli import fail, run
+from lcjax.cli import run
 from lcjax.config import ConfigError
 from lcjax.parallel.distributed import maybe_initialize
 from lcjax.sweep.points import config_for_flags
@@ -42,20 +42,15 @@ def main(argv) -> int:
   # Multi-process when flags, SLURM or a TPU pod say so; before anything touches devices.
   maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
-  try:
-    config = config_for_flags(flags.FLAGS["config"], _SWEEP_POINT.value)
-    if _COMPILE_ONLY.value:
-      if not _TOPOLOGY.value:
-        raise ConfigError("--compile_only needs --topology, e.g. --topology v5p:4x4x4")
-      print(format_report(compile_train_step(config, _TOPOLOGY.value)))
-      return 0
-    train(config, _WORKDIR.value)
-  except (ConfigError, FileNotFoundError) as e:
-    return fail(str(e))
-  except TrainingDiverged as e:
-    return fail(str(e), 3)
+  config = config_for_flags(flags.FLAGS["config"], _SWEEP_POINT.value)
+  if _COMPILE_ONLY.value:
+    if not _TOPOLOGY.value:
+      raise ConfigError("--compile_only needs --topology, e.g. --topology v5p:4x4x4")
+    print(format_report(compile_train_step(config, _TOPOLOGY.value)))
+    return 0
+  train(config, _WORKDIR.value)
   return 0
 
 
 if __name__ == "__main__":
-  run(main)
+  run(main, errors={TrainingDiverged: 3})
