@@ -15,9 +15,19 @@ Check that it fits before paying for it (CPU host with libtpu, no TPU needed):
 Shrunk for a laptop CPU (same code path, 8 fake devices for the mesh):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
   python scripts/train.py --config configs/llama3_8b_long.py:runlocal --workdir /tmp/l3
+One row of 1,048,576 tokens on 8 chips (v5p:2x2x2; context 8, 128K tokens per chip),
+the MEMO-scale target (Zhao et al. 2025 train 7B at 1M tokens on 8 GPUs by offloading
+activations to host):
+  python scripts/train.py --config configs/llama3_8b_long.py:1m8 --workdir /tmp/aot \
+      --compile_only --topology v5p:2x2x2
+It stacks what issue #15 measured as necessary: scanned layers (model.scan_layers, on
+for this uniform stack), each layer's input offloaded to host memory (model.remat=
+offload), the MLP in 8K-token chunks per context shard (model.mlp_chunk), parameters
+sharded over fsdp x context (the logical rules), the Pallas attention kernels (impl=auto
+resolved for the TPU target) and 1K-position loss chunks.
 Arguments: seq_len (default 131072), context (mesh.context, default 8), fsdp (default 8),
 rope_theta (default 8e6: ABF base for 128K, Xiong et al. 2023), init_from (a Hugging
-Face folder), runlocal.
+Face folder), runlocal, 1m8.
 """
 
 from lcjax.config import parse_arg
@@ -26,8 +36,17 @@ from lcjax.train.config import base_config
 
 def get_config(arg=None):
   arg = parse_arg(
-    arg, seq_len=131072, context=8, fsdp=8, rope_theta=8e6, init_from="", runlocal=False
+    arg,
+    seq_len=131072,
+    context=8,
+    fsdp=8,
+    rope_theta=8e6,
+    init_from="",
+    runlocal=False,
+    **{"1m8": False},
   )
+  if arg["1m8"]:
+    arg.update(seq_len=1 << 20, context=8, fsdp=1)
   c = base_config()
   T = arg.seq_len
   c.model.update(
@@ -58,6 +77,9 @@ def get_config(arg=None):
     weight_decay=0.1,
     log_every=1,
   )
+  if arg["1m8"]:
+    c.model.update(remat="offload", mlp_chunk=8192)
+    c.train.update(loss_chunk=1024)
   c.checkpoint.update(every_steps=100, keep=3)
   c.eval.update(every_steps=0, ppl_lengths=(T // 4, T // 2, T))
   if arg.runlocal:

@@ -242,10 +242,11 @@ def bench_attention(repeats: int) -> None:
     print(f"{T:>7}{mem['reference']:>14.1f}{mem['blockwise']:>15.1f}{ratio:>8.4f}{timing}  {path}")
 
 
-def _memory_config(T: int, context: int):
+def _memory_config(T: int, context: int, **overrides):
   return load_config(
     f"configs/quickstart.py:seq_len={T}",
     {
+      **overrides,
       "model.max_position_embeddings": T,
       "model.rope.max_position_embeddings": T,
       "model.remat": "full",
@@ -284,11 +285,44 @@ def bench_memory() -> None:
   ratio = temp[65536, 8] / temp[8192, 1]
   print(f"T=64K over 8 devices: {ratio:.2f}x the per-device temp memory of T=8K on one device")
   print()
+  _memory_by_depth()
+  print()
   print("ring work imbalance (max device work / mean, summed over ring steps; causal, block 512):")
   print(f"{'W':>4}" + "".join(f"{layout:>12}" for layout in LAYOUTS))
   for W in (2, 4, 8):
     row = "".join(f"{work_imbalance(65536, W, layout, 512):>12.3f}" for layout in LAYOUTS)
     print(f"{W:>4}{row}")
+
+
+def _memory_by_depth() -> None:
+  """Temp memory vs depth, scanned and unrolled, and what remat=offload moves to host.
+
+  T=8192 over context 8 (1K tokens per device). With `model.scan_layers` the layers
+  are one loop body, so temp memory should stay flat as layers are added beyond what
+  each layer's saved input costs; `offload` moves those inputs to pinned_host.
+  """
+  print("per-device memory vs depth (quickstart width, T=8192 over context 8, batch 1):")
+  print(f"{'layers':>7}{'layout':>10}{'remat':>9}{'temp MiB':>10}{'host MiB':>10}")
+  temp = {}
+  for layers in (2, 4, 8):
+    for scan, remat in ((False, "full"), (True, "full"), (True, "offload")):
+      config = _memory_config(
+        8192, 8, **{"model.num_layers": layers, "model.scan_layers": scan, "model.remat": remat}
+      )
+      report = compile_train_step(config, devices=jax.devices()[:8])
+      temp[layers, scan, remat] = report["temp_bytes"] / 2**20
+      host = report["host_bytes_per_device"] / 2**20
+      layout = "scanned" if scan else "unrolled"
+      print(f"{layers:>7}{layout:>10}{remat:>9}{temp[layers, scan, remat]:>10.1f}{host:>10.1f}")
+  for scan in (False, True):
+    growth = temp[8, scan, "full"] / temp[2, scan, "full"]
+    print(
+      f"{'scanned' if scan else 'unrolled'} remat=full: 8 layers need {growth:.2f}x the temp of 2"
+    )
+  print(
+    "offload on XLA:CPU: host memory is what the compiler reports for pinned_host; the TPU "
+    "figures are in the README's AOT table"
+  )
 
 
 def _run_script(name: str) -> None:

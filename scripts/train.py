@@ -27,7 +27,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 _COMPILE_ONLY = flags.DEFINE_bool(
-  "compile_only", False, "compile the train step for --topology and print memory; no training"
+  "compile_only",
+  False,
+  "compile the train step for --topology; print memory per chip and host and the attention "
+  "impl; no training",
 )
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology for --compile_only, e.g. v5p:4x4x4")
 _SWEEP_POINT = flags.DEFINE_string(

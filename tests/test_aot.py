@@ -5,6 +5,7 @@ import os
 import pytest
 
 from lcjax.config import ConfigError, load_config
+from lcjax.train import aot
 from lcjax.train.aot import compile_train_step, format_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,18 +16,36 @@ def _quickstart(arg):
   return load_config(f"configs/quickstart.py:{arg}")
 
 
-# `make test` compiles the README's pod command (fsdp 8 x context 8 ring on v5p:4x4x4, a
+# `make test` also compiles the README's pod command (fsdp 8 x context 8 ring on v5p:4x4x4, a
 # tiny model) in tests/test_readme_commands.py; this checks the report's fields.
-@pytest.mark.slow
-def test_ring_attention_train_step_compiles_for_v5p():
+def test_ring_attention_train_step_compiles_for_v5p_with_pallas(monkeypatch):
+  compiled, lower = [], aot.lower_train_step
+
+  def lower_and_keep(config, devices):
+    out = lower(config, devices)
+    compiled.append(out[0])
+    return out
+
+  monkeypatch.setattr(aot, "lower_train_step", lower_and_keep)
   c = _quickstart("tiny")
   c.mesh.update(data=1, context=8)
+  c.attention.impl = "auto"
   report = compile_train_step(c, "v5p:2x2x2")
   assert report["devices"] == 8 and report["device_kind"].startswith("TPU v5")
   assert report["mesh"]["context"] == 8
   assert 0 < report["per_device_bytes"] < report["hbm_bytes"]
-  assert report["flops_per_device"] > 0
-  assert "v5p:2x2x2" in format_report(report)
+  assert report["flops_per_device"] > 0 and report["model_flops_per_device"] > 0
+  # Traced on this CPU host, "auto" still resolves for the TPU: the Pallas kernels, lowered
+  # through Mosaic (a tpu_custom_call), not run in Pallas' interpret mode.
+  assert report["attention_impl"] == "pallas"
+  mosaic = "tpu_custom_call" in compiled[0].as_text()
+  assert mosaic, "the Pallas kernels were traced in interpret mode, not lowered through Mosaic"
+  # v5p:2x2x2 spans 2 hosts of 4 chips; no offload remat, so no host memory.
+  assert report["devices_per_host"] == 4
+  assert report["host_bytes_per_device"] == report["host_bytes_per_host"] == 0
+  text = format_report(report)
+  assert "v5p:2x2x2" in text and "attention impl: pallas" in text
+  assert "host (pinned_host) per device: 0.00 GiB; per host (4 devices)" in text
 
 
 def test_a_step_that_does_not_fit_is_one_clear_error():
@@ -42,3 +61,15 @@ def test_a_step_that_does_not_fit_is_one_clear_error():
 def test_unknown_topology_is_one_clear_error():
   with pytest.raises(ConfigError, match="v9z:1x1"):
     compile_train_step(_quickstart("tiny"), "v9z:1x1")
+
+
+def test_host_memory_over_the_budget_fails_the_compile():
+  # model.remat=offload keeps each layer's input in pinned_host memory (lcjax.models.remat).
+  c = _quickstart("tiny")
+  c.model.update(num_layers=1, remat="offload")
+  c.mesh.update(data=1, context=4)
+  c.train.host_memory_budget_gib = 1e-9
+  with pytest.raises(
+    ConfigError, match=r"GiB of host memory per host \(4 devices x .*host_memory_budget_gib=1e-09"
+  ):
+    compile_train_step(c, "v5p:2x2x1")

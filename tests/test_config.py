@@ -97,7 +97,7 @@ def test_attention_settings_have_one_home():
     },
   )
   model, cfg = build_run_model(config)
-  attn = model.layers[0].self_attn
+  attn = model.layer(0).self_attn
   assert (attn.impl, attn.block_q, attn.context_strategy) == ("reference", 64, "all_gather")
   assert "attention_impl" not in config.model
   from lcjax.config import check_override_flags

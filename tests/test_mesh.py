@@ -22,6 +22,7 @@ from lcjax.parallel import (
   to_layout,
   validate_parallel_config,
 )
+from lcjax.parallel.mesh import fit_spec
 
 
 def test_make_mesh_axes_sizes_and_types():
@@ -59,16 +60,30 @@ def test_mesh_shape_without_devices():
   )
 
 
+def test_fit_spec_keeps_the_longest_dividing_prefix():
+  sizes = dict(data=1, fsdp=2, tensor=1, context=4)
+  spec = PartitionSpec(("fsdp", "context"), "tensor")
+  assert fit_spec(spec, (16, 6), sizes) == PartitionSpec(("fsdp", "context"), None)
+  assert fit_spec(spec, (6, 6), sizes) == PartitionSpec("fsdp", None)  # 8 does not divide 6
+  assert fit_spec(spec, (3, 6), sizes) == PartitionSpec(None, None)
+  # Axes of size 1 are dropped rather than kept as no-op names.
+  assert fit_spec(spec, (16, 6), dict(sizes, fsdp=1)) == PartitionSpec("context", None)
+
+
 def test_logical_rules():
   assert logical_to_spec(("batch", "activation_length", "activation_embed")) == PartitionSpec(
     ("data", "fsdp"), "context", None
   )
-  assert logical_to_spec(("embed", "mlp")) == PartitionSpec("fsdp", "tensor")
-  assert logical_to_spec(("vocab", "embed")) == PartitionSpec("tensor", "fsdp")
-  assert logical_to_spec(("embed", "heads", "head_dim")) == PartitionSpec("fsdp", "tensor", None)
+  # Parameters shard their model dimension over fsdp and context (issue #15: one row on
+  # 8 chips has fsdp 1, and the weights must still be split 8 ways).
+  fc = ("fsdp", "context")
+  assert logical_to_spec(("embed", "mlp")) == PartitionSpec(fc, "tensor")
+  assert logical_to_spec(("vocab", "embed")) == PartitionSpec("tensor", fc)
+  assert logical_to_spec(("embed", "heads", "head_dim")) == PartitionSpec(fc, "tensor", None)
+  assert logical_to_spec(("layers", "embed", "mlp")) == PartitionSpec(None, fc, "tensor")
   assert logical_to_spec(("kv_heads", None)) == PartitionSpec("tensor", None)
   # A mesh axis is used once per spec: "embed" after "batch" finds fsdp taken.
-  assert logical_to_spec(("batch", "embed")) == PartitionSpec(("data", "fsdp"), None)
+  assert logical_to_spec(("batch", "embed")) == PartitionSpec(("data", "fsdp"), "context")
   for name, target in LOGICAL_RULES.items():
     axes = () if target is None else (target,) if isinstance(target, str) else target
     assert set(axes) <= set(MESH_AXES), name

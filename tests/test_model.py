@@ -10,6 +10,7 @@ from lcjax.attention import MaskSpec
 from lcjax.config import ConfigError
 from lcjax.models import build_model, generate, llama_config
 from lcjax.models.config import longgen_layer_types
+from lcjax.models.remat import REMAT_POLICIES
 
 
 def _model(seed=0, **overrides):
@@ -126,26 +127,34 @@ def test_unknown_field_and_family():
 
 
 def test_remat_policies_give_identical_gradients():
-  """Activation checkpointing recomputes, it must not change values."""
+  """Activation checkpointing recomputes (or offloads), it must not change values.
+
+  Scanned layers (the default for uniform stacks) and the unrolled loop, every policy.
+  """
   tokens = np.random.default_rng(0).integers(0, 384, size=(2, 12))
   segments = np.array([[1] * 5 + [2] * 7] * 2)
-  grads = {}
-  for policy in ("none", "full", "dots"):
-    model, _ = _model(remat=policy, initializer_range=0.1)
-    graphdef, params = nnx.split(model, nnx.Param)
+  for scan in (True, False):
+    grads = {}
+    for policy in REMAT_POLICIES:
+      model, _ = _model(remat=policy, initializer_range=0.1, scan_layers=scan)
+      assert model.scan_layers is scan
+      graphdef, params = nnx.split(model, nnx.Param)
 
-    def loss(p, graphdef=graphdef):
-      return jnp.mean(nnx.merge(graphdef, p)(tokens, segment_ids=segments) ** 2)
+      def loss(p, graphdef=graphdef):
+        return jnp.mean(nnx.merge(graphdef, p)(tokens, segment_ids=segments) ** 2)
 
-    grads[policy] = jax.jit(jax.grad(loss))(params)
-  for policy in ("full", "dots"):
-    jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-      grads["none"],
-      grads[policy],
-    )
+      grads[policy] = jax.jit(jax.grad(loss))(params)
+    for policy in REMAT_POLICIES[1:]:
+      # float32: recomputation repeats the same ops, so only fusion order may differ.
+      jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        grads["none"],
+        grads[policy],
+      )
   with pytest.raises(ValueError, match="model.remat"):
     _model(remat="sometimes")
+  with pytest.raises(ValueError, match="model.remat='dots' is now called 'save_dots'"):
+    _model(remat="dots")
 
 
 def test_permuted_rows_with_token_index_give_permuted_logits():
@@ -208,7 +217,8 @@ def _manual_logits(model, tokens_BT, masks):
   index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
   rope = model.rope_tables(index_BT)
   x_BTD = model.embed_tokens(jnp.asarray(tokens_BT))
-  for layer, mask in zip(model.layers, masks, strict=True):
+  layers = [model.layer(i) for i in range(len(masks))]
+  for layer, mask in zip(layers, masks, strict=True):
     layer.self_attn.impl = "reference"
     attn_BTD, _ = layer.self_attn(
       layer.input_layernorm(x_BTD), rope, mask=mask, segment_ids_BT=None, q_index_BT=index_BT
@@ -275,7 +285,7 @@ def test_window_changes_only_the_sparse_layers():
   narrow, _ = _model(**kw, layer_types=longgen_layer_types(3), sparse_window=3, sparse_sinks=3)
   assert np.max(np.abs(_logits(narrow, tokens) - _logits(dense, tokens))) > 1e-3
   sparse = (("sinks", 3), ("window", 3))
-  assert [layer.mask_fields for layer in narrow.layers] == [sparse, (), sparse]
+  assert [narrow.layer(i).mask_fields for i in range(3)] == [sparse, (), sparse]
 
 
 @pytest.mark.parametrize(
@@ -347,7 +357,7 @@ def _hybrid(**overrides):
 def test_hybrid_attention_mamba2_stack_generates_like_its_forward():
   """layer_types mixes attention and Mamba-2 layers; caches are per layer kind."""
   model, _ = _hybrid()
-  assert model.layers[1].mixer is not None and model.layers[1].self_attn is None
+  assert model.layer(1).mixer is not None and model.layer(1).self_attn is None
   prompt = np.random.default_rng(4).integers(0, 384, size=(2, 6))
   out = np.asarray(generate(model, prompt, max_new_tokens=7))
   want = np.argmax(np.asarray(_logits(model, out[:, :-1])), axis=-1)[:, 5:]

@@ -104,20 +104,31 @@ def test_freeze_by_regex_keeps_frozen_params_fixed():
   tc = _tc(warmup_steps=0, freeze=(r".*",), trainable=(r"embed_tokens", r"norm"))
   labels = param_labels(params, tc)
   assert labels["embed_tokens"]["embedding"] == "trainable"
-  assert labels["layers"][0]["input_layernorm"]["scale"] == "trainable"
-  assert labels["layers"][0]["self_attn"]["q_proj"]["kernel"] == "frozen"
+  # Stacked layers (model.scan_layers): the regexes see per-layer names.
+  assert labels["layers"]["input_layernorm"]["scale"] == "trainable"
+  assert labels["layers"]["self_attn"]["q_proj"]["kernel"] == "frozen"
   tx, schedule = make_optimizer(tc, params)
   step = make_train_step(graphdef, tx, schedule, grad_accum=1, loss_chunk=16)
   new, _ = step(init_state(model, tx, seed=0), _batch())
-  q_before = params["layers"][0]["self_attn"]["q_proj"]["kernel"]
-  np.testing.assert_array_equal(
-    new["params"]["layers"][0]["self_attn"]["q_proj"]["kernel"], q_before
-  )
+  q_before = params["layers"]["self_attn"]["q_proj"]["kernel"]
+  np.testing.assert_array_equal(new["params"]["layers"]["self_attn"]["q_proj"]["kernel"], q_before)
   assert not np.array_equal(
     new["params"]["embed_tokens"]["embedding"], params["embed_tokens"]["embedding"]
   )
   with pytest.raises(ConfigError, match="every parameter"):
     make_optimizer(_tc(freeze=(r".*",)), params)
+  # A regex over per-layer names: all layers of the stack, or some (refused), or one
+  # layer of an unrolled model.
+  labels = param_labels(params, _tc(freeze=(r"layers/\d+/mlp",)))
+  assert labels["layers"]["mlp"]["up_proj"]["kernel"] == "frozen"
+  with pytest.raises(ConfigError, match="select some layers of 'layers/mlp/.*_proj/kernel'"):
+    param_labels(params, _tc(freeze=(r"layers/1/mlp",)))
+  unrolled = build_model(llama_config(scan_layers=False), rngs=nnx.Rngs(0))
+  labels = param_labels(
+    nnx.to_pure_dict(nnx.state(unrolled, nnx.Param)), _tc(freeze=(r"layers/1/",))
+  )
+  assert labels["layers"][1]["mlp"]["up_proj"]["kernel"] == "frozen"
+  assert labels["layers"][0]["mlp"]["up_proj"]["kernel"] == "trainable"
 
 
 def _records(path):

@@ -30,6 +30,7 @@ from lcjax.attention.registry import (
   impl_names,
   register_attention_impl,
   resolve_impl,
+  target_platform,
 )
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
   "reference_attention_with_lse",
   "register_attention_impl",
   "resolve_impl",
+  "target_platform",
   "visited_block_pairs",
 ]
 

@@ -20,14 +20,19 @@ mapping of its own.
 * pallas: the `pallas_kernels` block-sparse kernels (Mosaic on TPU, Triton on GPU,
   interpret mode on CPU).
 
-`auto` resolves per call: pallas on TPU/GPU, blockwise on CPU. A new implementation is
-one `register_attention_impl(name, AttentionImpl(...))` call.
+`auto` resolves per call: pallas on TPU/GPU, blockwise on CPU. The platform is the one
+the inputs live on, unless a `with target_platform("tpu"):` block names the platform
+being compiled for: an ahead-of-time compile for a TPU topology traces on the CPU host,
+where the inputs' platform would pick blockwise (and run Pallas in interpret mode).
+A new implementation is one `register_attention_impl(name, AttentionImpl(...))` call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
@@ -46,6 +51,7 @@ __all__ = [
   "impl_names",
   "register_attention_impl",
   "resolve_impl",
+  "target_platform",
 ]
 
 
@@ -63,16 +69,56 @@ AUTO_IMPL = {"cpu": "blockwise", "tpu": "pallas", "gpu": "pallas", "cuda": "pall
 _interpret_notice_shown = False
 
 
+# The platform an ahead-of-time compile targets; None: the inputs' own platform.
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+  "lcjax_attention_target_platform", default=None
+)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+  """Within the block, "auto" and the Pallas kernels' backend follow `platform`.
+
+  `lcjax.train.aot` traces a TPU topology's train step on the CPU host; without this,
+  "auto" would see tracers on the default (CPU) backend and pick blockwise, and Pallas
+  would run in interpret mode instead of lowering through Mosaic.
+  """
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+def _pallas_interpret() -> bool | None:
+  """Pallas' `interpret=`: decided by q's platform (None), or by the target platform."""
+  target = _TARGET_PLATFORM.get()
+  return None if target is None else target == "cpu"
+
+
 def _pallas_attention(q_BTHD, k_BSKD, v_BSKD, inputs, opts):
   """The kernels with interpret mode chosen per call, and a one-time notice on CPU."""
   global _interpret_notice_shown
-  if default_interpret(q_BTHD) and not _interpret_notice_shown:
+  interpret = _pallas_interpret()
+  on_cpu = default_interpret(q_BTHD) if interpret is None else interpret
+  if on_cpu and not _interpret_notice_shown:
     _interpret_notice_shown = True
     logging.getLogger(__name__).warning(
       "impl='pallas' on CPU runs the kernels in Pallas interpret mode (slow; for testing); "
       "impl='blockwise' is the fast CPU path"
     )
-  return pallas_with_lse(q_BTHD, k_BSKD, v_BSKD, inputs, opts)
+  return pallas_with_lse(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret=interpret)
+
+
+def _pallas_forward(q_BTHD, k_BSKD, v_BSKD, inputs, opts):
+  """One ring step's forward kernel, for the target platform when one is set."""
+  return pallas_forward(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret=_pallas_interpret())
+
+
+def _pallas_backward(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse=None):
+  """One ring step's dQ and dK/dV kernels, for the target platform when one is set."""
+  args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse)
+  return pallas_backward(*args, interpret=_pallas_interpret())
 
 
 IMPLS: dict[str, AttentionImpl] = {
@@ -80,7 +126,7 @@ IMPLS: dict[str, AttentionImpl] = {
     reference.reference_with_lse, reference.reference_fwd, reference.reference_bwd
   ),
   "blockwise": AttentionImpl(unrolled.attention_with_lse, blockwise.forward, blockwise.backward),
-  "pallas": AttentionImpl(_pallas_attention, pallas_forward, pallas_backward),
+  "pallas": AttentionImpl(_pallas_attention, _pallas_forward, _pallas_backward),
 }
 
 
@@ -109,14 +155,14 @@ def _platform(x: jax.Array | None) -> str:
 def resolve_impl(impl: str, x: jax.Array | None = None, *, platform: str | None = None) -> str:
   """The registered name `impl` runs as; "auto" is decided by platform, never at import.
 
-  `platform` (e.g. "tpu" for an ahead-of-time compile from a CPU host) overrides the
-  platform `x` lives on.
+  The platform is `platform` if given, else the one a `target_platform` block names
+  (an ahead-of-time compile from a CPU host), else the one `x` lives on.
   """
   if impl not in impl_names():
     raise ValueError(f"attention impl {impl!r} is unknown; use one of {', '.join(impl_names())}")
   if impl != "auto":
     return impl
-  return AUTO_IMPL.get(platform or _platform(x), "blockwise")
+  return AUTO_IMPL.get(platform or _TARGET_PLATFORM.get() or _platform(x), "blockwise")
 
 
 def attention_impl(name: str) -> AttentionImpl:

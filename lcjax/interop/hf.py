@@ -35,6 +35,7 @@ from lcjax.interop.safetensors_io import (
 )
 from lcjax.models import build_model, llama_config
 from lcjax.models.config import head_dim, layer_types, validate_model_config
+from lcjax.models.stacking import has_layer_stack, stack_layers, unstack_layers
 from lcjax.positional.rope import standardize_rope_parameters, to_hf_rope_fields
 
 __all__ = [
@@ -271,7 +272,9 @@ def load_pretrained(path: str, *, dtype=jnp.float32):
 
   abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  pure = nnx.to_pure_dict(state)
+  # HF names one layer at a time; a scanned model's stack is filled per layer, then stacked.
+  stacked = has_layer_stack(nnx.to_pure_dict(state))
+  pure = unstack_layers(nnx.to_pure_dict(state))
   for name, lc_path, transpose in expected:
     array = tensors[name].T if transpose else tensors[name]
     want = get_path(pure, lc_path).shape
@@ -281,7 +284,7 @@ def load_pretrained(path: str, *, dtype=jnp.float32):
         f"{tuple(want[::-1]) if transpose else tuple(want)}"
       )
     set_path(pure, lc_path, jnp.asarray(array.astype(np.float32), dtype=dtype))
-  nnx.replace_by_pure_dict(state, pure)
+  nnx.replace_by_pure_dict(state, stack_layers(pure) if stacked else pure)
   return nnx.merge(graphdef, state), cfg
 
 
@@ -297,7 +300,7 @@ def save_pretrained(model, model_config, path: str, *, max_shard_bytes: int = 5 
   if model_config.get("family") == "mamba2":
     tensors = hf_mamba2.hf_tensors(model, model_config)
   else:
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    pure = unstack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     tensors = {}
     for name, lc_path, transpose in _hf_names(model_config):
       array = np.asarray(jax.device_get(get_path(pure, lc_path)), dtype=np.float32)

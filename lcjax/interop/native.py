@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lcjax.models import build_model
+from lcjax.models.stacking import adapt_to_stored, layers_layout
 
 __all__ = [
   "MODEL_CONFIG_FILE",
@@ -71,6 +72,10 @@ def load_params(path: str):
   graphdef, state = nnx.split(abstract)
   target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   with ocp.StandardCheckpointer() as ckptr:
-    pure = ckptr.restore(os.path.join(path, "params"), target)
+    folder = os.path.join(path, "params")
+    # Folders written before model.scan_layers hold per-layer parameters (and the reverse).
+    stored = layers_layout(ckptr.metadata(folder).item_metadata.tree)
+    restore_target, convert = adapt_to_stored(target, stored)
+    pure = convert(ckptr.restore(folder, restore_target))
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state), cfg

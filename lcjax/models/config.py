@@ -17,6 +17,7 @@ import ml_collections
 from lcjax.attention.registry import impl_names
 from lcjax.config import ConfigError, require
 from lcjax.models.mamba2 import mamba2_config, validate_mamba2_config
+from lcjax.models.remat import REMAT_POLICIES, validate_remat
 from lcjax.positional.rope import validate_rope_parameters
 
 __all__ = [
@@ -25,7 +26,9 @@ __all__ = [
   "layer_types",
   "longgen_layer_types",
   "head_dim",
+  "scan_layers_enabled",
   "LAYER_TYPES",
+  "REMAT_POLICIES",
 ]
 
 # Per-layer attention kinds. "full_attention" and "sliding_attention" are the Hugging
@@ -45,9 +48,6 @@ LAYER_TYPES = (
   "strided_attention",
   "mamba2",
 )
-# Activation checkpointing per decoder layer: none, full (recompute everything), or
-# dots (keep matmul outputs without batch dims, recompute the rest).
-REMAT_POLICIES = ("none", "full", "dots")
 
 
 def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -87,7 +87,14 @@ def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
       sparse_local_blocks=1,  # strided_attention: most recent blocks always visible
       anchor=False,  # AnchorAttention: key 0 visible to every document
       dtype="auto",  # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
-      remat="none",  # none | full | dots (save matmul outputs): activation checkpointing per layer
+      # Activation checkpointing per layer: none | full | save_dots | offload | offload_dots
+      # (lcjax.models.remat documents each).
+      remat="none",
+      # Layers as one jax.lax.scan over stacked parameters (MaxText's scan_layers): None =
+      # on when every layer has the same attention type, True/False to force (True needs
+      # uniform layers; hybrids loop). lcjax.models.stacking maps the per-layer names.
+      scan_layers=ml_collections.config_dict.placeholder(bool),
+      mlp_chunk=0,  # tokens per MLP chunk within each context shard; 0 = one chunk
       attention_impl="auto",  # a registered impl (lcjax.attention.IMPLS) or auto
       context_strategy="ring",  # ring | all_gather, used when the mesh's context axis is > 1
       attention_block_q=512,
@@ -105,6 +112,18 @@ def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
     else:
       cfg[key] = value
   return cfg
+
+
+def scan_layers_enabled(cfg) -> bool:
+  """Whether the decoder's layers are stacked and scanned (`model.scan_layers`).
+
+  Unset (None), they are when all layers share one attention type; stacks with
+  mamba2 layers or mixed types run as a loop (a scan needs one layer body).
+  """
+  kinds = layer_types(cfg)
+  uniform = len(set(kinds)) == 1 and kinds[0] != "mamba2"
+  scan = cfg.get("scan_layers")
+  return uniform if scan is None else bool(scan)
 
 
 def head_dim(cfg) -> int:
@@ -248,9 +267,17 @@ def validate_model_config(cfg) -> None:
       cfg.attention_impl in impl_names(),
       f"attention impl {cfg.attention_impl!r} is unknown; use one of {', '.join(impl_names())}",
     )
+  validate_remat(cfg.remat)
+  if cfg.get("scan_layers"):
+    require(
+      len(set(kinds)) == 1 and kinds[0] != "mamba2",
+      f"model.scan_layers=True needs layers of one attention type, but model.layer_types has "
+      f"{sorted(set(kinds))}; leave model.scan_layers unset (hybrids run as a loop)",
+    )
+  mlp_chunk = cfg.get("mlp_chunk", 0)
   require(
-    cfg.remat in REMAT_POLICIES,
-    f"model.remat={cfg.remat!r} is unknown; use one of {REMAT_POLICIES}",
+    isinstance(mlp_chunk, int) and mlp_chunk >= 0,
+    f"model.mlp_chunk={mlp_chunk!r} must be a non-negative integer (tokens; 0 = off)",
   )
   require(
     cfg.dtype in ("auto", "float32", "bfloat16", "float16"),

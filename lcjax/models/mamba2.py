@@ -51,6 +51,7 @@ from lcjax.models.layers import (
   token_embedding,
   vocab_logits,
 )
+from lcjax.models.remat import checkpoint_policy, tag_layer_input, validate_remat
 from lcjax.ssm.mitigations import forget_more_remember_less, ssd_windowed
 from lcjax.ssm.ssd import ssd_chunked, ssd_sequential, ssd_step
 
@@ -67,7 +68,6 @@ __all__ = [
 ]
 
 SSD_IMPLS = ("chunked", "sequential")
-REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -102,7 +102,7 @@ def mamba2_config(**overrides: Any) -> ml_collections.ConfigDict:
       use_bias=False,  # in_proj and out_proj biases
       residual_in_fp32=True,  # keep the residual stream in float32 (HF residual_in_fp32)
       dtype="auto",  # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
-      remat="none",  # none | full | dots: activation checkpointing per layer
+      remat="none",  # activation checkpointing per layer; lcjax.models.remat.REMAT_POLICIES
       ssd_impl="chunked",  # chunked | sequential (the reference recurrence)
       initializer_range=0.02,
       # State-collapse mitigations (Chen et al. 2024, "Stuffed Mamba", §5); all off by default.
@@ -172,10 +172,7 @@ def validate_mamba2_config(cfg) -> None:
   require(0.0 < lo <= hi, f"model.A_init_range={(lo, hi)} needs 0 < lo <= hi")
   require(cfg.rms_norm_eps > 0, f"model.rms_norm_eps={cfg.rms_norm_eps} must be positive")
   require(cfg.dtype in DTYPES, f"model.dtype={cfg.dtype!r} is unknown; use one of {DTYPES}")
-  require(
-    cfg.remat in REMAT_POLICIES,
-    f"model.remat={cfg.remat!r} is unknown; use one of {REMAT_POLICIES}",
-  )
+  validate_remat(cfg.remat)
   require(
     cfg.ssd_impl in SSD_IMPLS, f"model.ssd_impl={cfg.ssd_impl!r} is unknown; use one of {SSD_IMPLS}"
   )
@@ -457,15 +454,14 @@ class Mamba2Block(nnx.Module):
 
 
 def _run_layer(layer, x_BTD, segment_ids_BT):
-  return layer(x_BTD, segment_ids_BT=segment_ids_BT, cache=None)[0]
+  return layer(tag_layer_input(x_BTD), segment_ids_BT=segment_ids_BT, cache=None)[0]
 
 
 def _remat_layer(policy: str):
-  """The per-layer function under `model.remat` (activation checkpointing, Chen et al. 2016)."""
+  """The per-layer function under `model.remat` (`lcjax.models.remat`; the layers loop)."""
   if policy == "none":
     return _run_layer
-  save = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  return nnx.remat(_run_layer, policy=save)
+  return nnx.remat(_run_layer, policy=checkpoint_policy(policy))
 
 
 class Mamba2LM(nnx.Module):

@@ -23,7 +23,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcjax.attention import AttentionOptions, MaskInputs, MaskSpec, attention_impl, resolve_impl
-from lcjax.models.config import head_dim, layer_types, mamba_mixer_config, validate_model_config
+from lcjax.models.config import (
+  head_dim,
+  layer_types,
+  mamba_mixer_config,
+  scan_layers_enabled,
+  validate_model_config,
+)
 from lcjax.models.layers import (
   RMSNorm,
   SwiGLU,
@@ -34,12 +40,14 @@ from lcjax.models.layers import (
   vocab_logits,
 )
 from lcjax.models.mamba2 import Mamba2Mixer
+from lcjax.models.remat import checkpoint_policy, remat, tag_layer_input
 from lcjax.parallel.mesh import (
   ACTIVATION_BTD,
   ACTIVATION_BTHD,
   ACTIVATION_BTKD,
   BATCH_AXES,
   constrain,
+  mesh_axis_size,
 )
 from lcjax.parallel.ring import ring_attention
 from lcjax.positional.rope import apply_rope, compute_inv_freq, query_scale, rope_cos_sin
@@ -212,6 +220,7 @@ class DecoderBlock(nnx.Module):
     self.self_attn = None if mamba else Attention(cfg, dtype=dtype, rngs=rngs)
     self.mixer = Mamba2Mixer(mamba_mixer_config(cfg), dtype=dtype, rngs=rngs) if mamba else None
     self.post_attention_layernorm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
+    self.mlp_chunk = cfg.get("mlp_chunk", 0)
     self.mlp = SwiGLU(
       cfg.d_model,
       cfg.mlp_dim,
@@ -222,13 +231,13 @@ class DecoderBlock(nnx.Module):
     )
 
   def __call__(self, x_BTD, rope, *, anchor, segment_ids_BT, q_index_BT, cache, cache_index):
-    x_BTD = constrain(x_BTD, ACTIVATION_BTD)
+    x_BTD = tag_layer_input(constrain(x_BTD, ACTIVATION_BTD))
     if self.mixer is not None:
       mixed_BTD, cache = self.mixer(
         self.input_layernorm(x_BTD), segment_ids_BT=segment_ids_BT, cache=cache
       )
       x_BTD = x_BTD + mixed_BTD.astype(x_BTD.dtype)
-      return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), cache
+      return x_BTD + self._mlp(x_BTD), cache
     mask = MaskSpec(
       causal=True,
       document=segment_ids_BT is not None,
@@ -245,8 +254,52 @@ class DecoderBlock(nnx.Module):
       cache_index=cache_index,
     )
     x_BTD = x_BTD + attn_BTD
-    mlp_BTD = constrain(self.mlp(self.post_attention_layernorm(x_BTD)), ACTIVATION_BTD)
+    mlp_BTD = constrain(self._mlp(x_BTD), ACTIVATION_BTD)
     return constrain(x_BTD + mlp_BTD, ACTIVATION_BTD), cache
+
+  def _mlp(self, x_BTD):
+    """mlp(norm(x)), over chunks of `mlp_chunk` tokens when set (`token_chunks`)."""
+    fn = lambda h_BTD: self.mlp(self.post_attention_layernorm(h_BTD))  # noqa: E731
+    if not self.mlp_chunk:
+      return fn(x_BTD)
+    return token_chunks(fn, x_BTD, self.mlp_chunk)
+
+
+def token_chunks(fn, x_BTD: jax.Array, chunk: int) -> jax.Array:
+  """fn(x) for a token-wise fn, run over chunks of `chunk` tokens of each context shard.
+
+  A SwiGLU MLP's intermediates are [B, T, 2F] per chip: 3.5 GiB in bf16 for Llama-3-8B
+  at 128K tokens per chip, where the layer's input is 1 GiB. Chunking the tokens
+  (MaxText's chunked MLP; MEMO, Zhao et al. 2025, §3) caps them at [B, chunk, 2F]. The
+  chunks are taken inside each 'context' shard (the sequence is split contiguously
+  over the shards in the array's order), so every chip works on its own tokens and
+  the scan over chunks moves nothing between chips. Each chunk is rematerialized
+  (`jax.checkpoint`), so the backward keeps only the chunk inputs. A shard whose length
+  is no multiple of `chunk` is padded with zero tokens whose outputs are dropped; the
+  result equals fn(x) (tests/test_scan_layers.py).
+  """
+  B, T, D = x_BTD.shape
+  shards = mesh_axis_size("context")
+  if T % shards:
+    return fn(x_BTD)
+  local = T // shards
+  if local <= chunk:
+    return fn(x_BTD)
+  n = -(-local // chunk)
+  x_BSLD = x_BTD.reshape(B, shards, local, D)
+  if n * chunk != local:
+    x_BSLD = jnp.pad(x_BSLD, ((0, 0), (0, 0), (0, n * chunk - local), (0, 0)))
+  # [n, B, S, chunk, D]: the scan runs over the chunk index, each step over every shard.
+  x_NBSCD = x_BSLD.reshape(B, shards, n, chunk, D).transpose(2, 0, 1, 3, 4)
+
+  def one_chunk(_, xc_BSCD):
+    xc_BTD = constrain(xc_BSCD.reshape(B, shards * chunk, D), ACTIVATION_BTD)
+    y_BTD = constrain(fn(xc_BTD), ACTIVATION_BTD)
+    return None, y_BTD.reshape(B, shards, chunk, -1)
+
+  _, y_NBSCD = jax.lax.scan(jax.checkpoint(one_chunk, prevent_cse=False), None, x_NBSCD)
+  y_BSLD = y_NBSCD.transpose(1, 2, 0, 3, 4).reshape(B, shards, n * chunk, -1)[:, :, :local]
+  return y_BSLD.reshape(B, T, -1)
 
 
 def _run_layer(layer, x_BTD, rope, anchor, segment_ids_BT, q_index_BT):
@@ -262,11 +315,10 @@ def _run_layer(layer, x_BTD, rope, anchor, segment_ids_BT, q_index_BT):
 
 
 def _remat_layer(policy: str):
-  """The per-layer function under `model.remat` (activation checkpointing, Chen et al. 2016)."""
+  """The per-layer function of the unrolled loop under `model.remat` (`lcjax.models.remat`)."""
   if policy == "none":
     return _run_layer
-  save = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  return nnx.remat(_run_layer, policy=save, static_argnums=(3,))
+  return nnx.remat(_run_layer, policy=checkpoint_policy(policy), static_argnums=(3,))
 
 
 class DecoderLM(nnx.Module):
@@ -294,9 +346,17 @@ class DecoderLM(nnx.Module):
       (k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(cfg.rope.to_dict().items())
     )
     self.embed_tokens = token_embedding(cfg, dtype=self.dtype, rngs=rngs)
-    self.layers = nnx.List(
-      [DecoderBlock(cfg, kind, dtype=self.dtype, rngs=rngs) for kind in layer_types(cfg)]
-    )
+    self.layer_kinds = layer_types(cfg)
+    blocks = [DecoderBlock(cfg, kind, dtype=self.dtype, rngs=rngs) for kind in self.layer_kinds]
+    self.scan_layers = scan_layers_enabled(cfg)
+    if self.scan_layers:
+      # One block whose parameters carry a leading layer axis ('layers/mlp/...' [L, ...]),
+      # stacked from blocks built in order so scanned and unrolled models initialize alike.
+      graphdef, _ = nnx.split(blocks[0])
+      states = [nnx.split(block)[1] for block in blocks]
+      self.layers = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    else:
+      self.layers = nnx.List(blocks)
     self.norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
     self.lm_head = output_head(cfg, dtype=self.dtype, rngs=rngs)
 
@@ -331,7 +391,7 @@ class DecoderLM(nnx.Module):
     causal and document masks still see global order.
     """
     B, T = tokens_BT.shape
-    if token_index is not None and any(layer.mixer is not None for layer in self.layers):
+    if token_index is not None and "mamba2" in self.layer_kinds:
       raise NotImplementedError(
         "hybrid stacks with mamba2 layers need tokens in order; context-parallel layouts "
         "(token_index) are not supported for them yet: set mesh.context=1"
@@ -348,15 +408,18 @@ class DecoderLM(nnx.Module):
     rope = self.rope_tables(positions_BT)
     x_BTD = constrain(self.embed_tokens(tokens_BT), ACTIVATION_BTD)
     if caches is None:
-      run_layer = _remat_layer(self.remat)
       # Rows in order pass None as the token index, which lets attention use a static
       # block schedule; permuted layouts pass the permutation.
       layer_index_BT = None if token_index is None else q_index_BT
+      if self.scan_layers:
+        return self.norm(self._scan(x_BTD, rope, segment_ids, layer_index_BT)), None
+      run_layer = _remat_layer(self.remat)
       for layer in self.layers:
         x_BTD = run_layer(layer, x_BTD, rope, self.anchor, segment_ids, layer_index_BT)
       return self.norm(x_BTD), None
     new_caches = []
-    for layer, cache in zip(self.layers, caches, strict=True):
+    for i, cache in enumerate(caches):
+      layer = self.layer(i)
       x_BTD, cache = layer(
         x_BTD,
         rope,
@@ -368,6 +431,36 @@ class DecoderLM(nnx.Module):
       )
       new_caches.append(cache)
     return self.norm(x_BTD), new_caches
+
+  def _scan(self, x_BTD, rope, segment_ids_BT, index_BT):
+    """The layers as one `jax.lax.scan` over their stacked parameters (`model.scan_layers`).
+
+    The remat policy wraps the scan body, so recomputation and offload happen one layer
+    at a time. The segment ids and mask indices enter as per-layer scan inputs rather
+    than closed-over values: closed over, XLA hoists ring attention's mask work out of
+    the loop and materializes every layer's block masks at once (28 GiB at 1M tokens in
+    issue #15's prototype).
+    """
+    graphdef, stacked = nnx.split(self.layers)
+    L = len(self.layer_kinds)
+    per_layer = lambda a_BT: None if a_BT is None else jnp.broadcast_to(a_BT, (L, *a_BT.shape))  # noqa: E731
+    anchor = self.anchor
+
+    def body(x_BTD, xs):
+      layer_state, seg_BT, index_BT = xs
+      layer = nnx.merge(graphdef, layer_state)
+      return _run_layer(layer, x_BTD, rope, anchor, seg_BT, index_BT), None
+
+    xs = (stacked, per_layer(segment_ids_BT), per_layer(index_BT))
+    x_BTD, _ = jax.lax.scan(remat(body, self.remat), x_BTD, xs)
+    return x_BTD
+
+  def layer(self, i: int) -> DecoderBlock:
+    """Decoder layer `i`; with `scan_layers`, a copy sliced from the stack (for reading)."""
+    if not self.scan_layers:
+      return self.layers[i]
+    graphdef, stacked = nnx.split(self.layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """Vocabulary logits in float32 from hidden states (tied or separate head)."""
@@ -383,10 +476,10 @@ class DecoderLM(nnx.Module):
     """KV caches for attention layers, conv + SSM states for mamba2 layers."""
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
     return [
-      layer.mixer.init_cache(batch)
-      if layer.mixer is not None
+      self.layer(i).mixer.init_cache(batch)
+      if kind == "mamba2"
       else KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-      for layer in self.layers
+      for i, kind in enumerate(self.layer_kinds)
     ]
 
   def decode(self, tokens_BT, caches: list[KVCache], cache_index) -> tuple[jax.Array, list]:

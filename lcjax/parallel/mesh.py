@@ -37,6 +37,7 @@ __all__ = [
   "logical_sharding",
   "fit_spec",
   "constrain",
+  "mesh_axis_size",
   "ACTIVATION_BTD",
   "ACTIVATION_BTF",
   "ACTIVATION_BTHD",
@@ -49,13 +50,18 @@ BATCH_AXES = ("data", "fsdp")  # the axes the rows of a global batch are split o
 CONTEXT_STRATEGIES = ("ring", "all_gather")
 
 # Logical axis name -> mesh axis (a name, a tuple of names, or None = replicated).
-# Parameters: "embed" is FSDP-sharded and the per-head/MLP/vocabulary dimensions are
-# tensor-sharded, so a [embed, mlp] kernel is split over both. Activations: rows over
-# the batch axes, the sequence over `context`, heads over `tensor`; their model
-# dimension ("activation_embed") stays whole, as it is contracted by every matmul.
+# Parameters: "embed" is sharded over fsdp *and* context (ZeRO-3 over every chip that
+# holds different tokens: with one 1M-token row on 8 chips fsdp is 1, and parameters
+# sharded over fsdp alone would put the whole fp32 model + AdamW state, ~90 GiB for
+# Llama-3-8B, on every chip; MaxText shards parameters over its sequence axis the same
+# way). The per-head/MLP/vocabulary dimensions are tensor-sharded, so a [embed, mlp]
+# kernel is split over all three. Activations: rows over the batch axes, the sequence
+# over `context`, heads over `tensor`; their model dimension ("activation_embed") stays
+# whole, as it is contracted by every matmul. Stacked layers (`model.scan_layers`) put
+# the layer axis first and keep it whole ("layers"), so a scan step reads one slice.
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
   # Parameters.
-  "embed": "fsdp",
+  "embed": ("fsdp", "context"),
   "vocab": "tensor",
   "mlp": "tensor",
   "heads": "tensor",
@@ -188,12 +194,19 @@ def logical_sharding(mesh: Mesh, names: Sequence[str | None], rules=None) -> Nam
 
 
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh_shape: Mapping[str, int]):
-  """Replicates the dimensions of `shape` whose mesh axes in `spec` do not divide them."""
+  """`spec` with each dimension sharded over the longest prefix of its axes that divides it.
+
+  ('fsdp', 'context') on a dimension 8 does not divide keeps 'fsdp' alone when fsdp
+  divides it, and replicates the dimension when not even the first axis does (tiny test
+  models on 8 devices). Axes of size 1 are dropped.
+  """
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
     names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    size = math.prod(mesh_shape[a] for a in names)
-    fitted.append(axes if size > 1 and dim % size == 0 else None)
+    names = tuple(a for a in names if mesh_shape[a] > 1)
+    while names and dim % math.prod(mesh_shape[a] for a in names):
+      names = names[:-1]
+    fitted.append(None if not names else names[0] if len(names) == 1 else names)
   return PartitionSpec(*fitted)
 
 
@@ -202,6 +215,12 @@ ACTIVATION_BTD = ("batch", "activation_length", "activation_embed")
 ACTIVATION_BTF = ("batch", "activation_length", "activation_mlp")
 ACTIVATION_BTHD = ("batch", "activation_length", "activation_heads", "activation_head_dim")
 ACTIVATION_BTKD = ("batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+
+
+def mesh_axis_size(axis: str) -> int:
+  """Size of `axis` in the mesh set with `jax.set_mesh` (1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(axis, 1)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

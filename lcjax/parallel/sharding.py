@@ -15,6 +15,7 @@ import re
 import jax
 from jax.sharding import Mesh, NamedSharding
 
+from lcjax.models.stacking import stacked_path
 from lcjax.parallel.mesh import fit_spec, logical_to_spec
 from lcjax.pytree import path_str
 
@@ -38,10 +39,15 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 
 
 def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-  """Logical names for the array at `path` (all None, i.e. replicated, when no rule matches)."""
+  """Logical names for the array at `path` (all None, i.e. replicated, when no rule matches).
+
+  A stacked layer parameter ('layers/mlp/gate_proj/kernel' [L, D, F], `model.scan_layers`)
+  gets its rule's names after a leading "layers" axis.
+  """
+  stacked = stacked_path(path)
   for pattern, names in PARAM_RULES:
-    if re.search(pattern, path) and len(names) == ndim:
-      return names
+    if re.search(pattern, path) and len(names) + stacked == ndim:
+      return ("layers", *names) if stacked else names
   return (None,) * ndim
 
 

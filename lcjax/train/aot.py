@@ -4,7 +4,11 @@ With `libtpu` installed, `jax.experimental.topologies.get_topology_desc` returns
 devices that XLA compiles for without hardware: the full train step (ring attention,
 FSDP/tensor sharding, AdamW) is lowered on the config's mesh over those devices, and
 `memory_analysis()` / `cost_analysis()` say what each chip would hold and compute.
-This is how a pod run is checked before paying for it:
+The step is traced under `target_platform` of the devices' platform, so `impl="auto"`
+resolves to the Pallas kernels (lowered through Mosaic) for a TPU topology, not to the
+pure-JAX twin the CPU host would pick. Host memory (`pinned_host`, what the offload remat
+policies move there) is summed over the devices that share a host and checked against
+`train.host_memory_budget_gib`. This is how a pod run is checked before paying for it:
 
   python scripts/train.py --config configs/NAME.py --workdir /tmp/aot \
       --compile_only --topology v5p:4x4x4
@@ -12,18 +16,22 @@ This is how a pod run is checked before paying for it:
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import jax
 from jax.experimental import topologies
 
+from lcjax.attention import resolve_impl, target_platform
 from lcjax.config import ConfigError
 from lcjax.parallel.mesh import make_mesh
 from lcjax.parallel.sharding import tree_shardings
 from lcjax.train.config import validate_config
+from lcjax.train.flops import flops_per_token
 from lcjax.train.run_model import abstract_setup, batch_spec, run_train_step
 
 __all__ = [
+  "check_host_memory",
   "compile_train_step",
   "format_report",
   "lower_train_step",
@@ -76,7 +84,8 @@ def lower_train_step(config, devices):
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), setup.state, shardings
   )
   step = run_train_step(config, setup)
-  with jax.set_mesh(mesh):
+  # Traced on this host, compiled for the devices' platform: "auto" follows the latter.
+  with jax.set_mesh(mesh), target_platform(devices[0].platform):
     try:
       compiled = step.lower(state, batch_spec(config, mesh)).compile()
     except jax.errors.JaxRuntimeError as e:
@@ -85,7 +94,8 @@ def lower_train_step(config, devices):
       detail = str(e).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
       raise ConfigError(
         f"the train step does not fit a {devices[0].device_kind} ({detail}); raise mesh.fsdp or "
-        "mesh.context, set model.remat=full, or lower train.batch_size"
+        "mesh.context, set model.remat=full or offload, set model.mlp_chunk, or lower "
+        "train.batch_size"
       ) from None
   return compiled, setup, mesh
 
@@ -93,7 +103,8 @@ def lower_train_step(config, devices):
 def compile_train_step(config, topology: str | None = None, *, devices=None) -> dict[str, Any]:
   """Compiles `config`'s train step for `topology` (or `devices`); returns memory and FLOPs.
 
-  Raises ConfigError when the per-device total exceeds the chip's HBM.
+  Raises ConfigError when the per-device total exceeds the chip's HBM, or when the host
+  memory of the devices that share a host exceeds `train.host_memory_budget_gib`.
   """
   if devices is None:
     devices = topology_devices(topology)
@@ -108,6 +119,15 @@ def compile_train_step(config, topology: str | None = None, *, devices=None) -> 
     + mem.temp_size_in_bytes
     - mem.alias_size_in_bytes
   )
+  # Host (pinned_host) memory of one device's program; a host holds it for each of its
+  # devices. The topology's devices carry their host's process index (v5p: 4 per host).
+  host_per_device = (
+    mem.host_argument_size_in_bytes
+    + mem.host_output_size_in_bytes
+    + mem.host_temp_size_in_bytes
+    - mem.host_alias_size_in_bytes
+  )
+  devices_per_host = max(Counter(d.process_index for d in devices).values())
   hbm = _hbm(devices[0])
   report = dict(
     topology=topology or devices[0].platform,
@@ -122,18 +142,45 @@ def compile_train_step(config, topology: str | None = None, *, devices=None) -> 
     temp_bytes=mem.temp_size_in_bytes,
     per_device_bytes=per_device,
     hbm_bytes=hbm,
+    host_bytes_per_device=host_per_device,
+    devices_per_host=devices_per_host,
+    host_bytes_per_host=host_per_device * devices_per_host,
+    host_budget_bytes=config.train.host_memory_budget_gib * GiB,
+    attention_impl=resolve_impl(config.attention.impl, platform=devices[0].platform),
+    # XLA's cost analysis counts a while loop's body once, so with scanned layers (and
+    # chunked MLPs and losses) it undercounts by about the trip count; the model's own
+    # count (6N + attention per token, lcjax.train.flops) is the figure to plan with.
     flops_per_device=float(cost.get("flops", 0.0)) if cost else None,
+    model_flops_per_device=flops_per_token(setup.model_cfg, setup.n_params, seq_len)
+    * rows
+    * seq_len
+    / len(devices),
   )
   if hbm is not None and per_device > hbm:
     raise ConfigError(
       f"the train step needs {per_device / GiB:.1f} GiB per device but a {devices[0].device_kind} "
-      f"has {hbm / GiB:.0f} GiB; raise mesh.fsdp or mesh.context, set model.remat=full, or "
-      "lower train.batch_size"
+      f"has {hbm / GiB:.0f} GiB; raise mesh.fsdp or mesh.context, set model.remat=full or "
+      "offload, set model.mlp_chunk, or lower train.batch_size"
     )
+  check_host_memory(report)
   return report
 
 
+def check_host_memory(report: dict[str, Any]) -> None:
+  """Raises ConfigError when one host's share of host memory exceeds its budget."""
+  need, budget = report["host_bytes_per_host"], report["host_budget_bytes"]
+  if need > budget:
+    raise ConfigError(
+      f"the train step needs {need / GiB:.1f} GiB of host memory per host "
+      f"({report['devices_per_host']} devices x {report['host_bytes_per_device'] / GiB:.1f} "
+      f"GiB) but train.host_memory_budget_gib={budget / GiB:g}; set model.remat to a policy "
+      "other than offload/offload_dots, raise mesh.fsdp or mesh.context, or raise "
+      "train.host_memory_budget_gib"
+    )
+
+
 def format_report(report: dict[str, Any]) -> str:
+  """The report as `--compile_only` prints it: mesh, memory per device and host, impl."""
   gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
   lines = [
     f"compiled for {report['topology']} ({report['devices']} x {report['device_kind']}), "
@@ -142,7 +189,17 @@ def format_report(report: dict[str, Any]) -> str:
     f"  per device: arguments {gib(report['argument_bytes'])}, temp {gib(report['temp_bytes'])}, "
     f"total {gib(report['per_device_bytes'])}"
     + (f" of {gib(report['hbm_bytes'])} HBM" if report["hbm_bytes"] else ""),
+    f"  host (pinned_host) per device: {gib(report['host_bytes_per_device'])}; per host "
+    f"({report['devices_per_host']} devices): {gib(report['host_bytes_per_host'])} of "
+    f"{gib(report['host_budget_bytes'])} budget",
+    f"  attention impl: {report['attention_impl']}",
   ]
+  lines.append(
+    f"  model FLOPs per device per step: {report['model_flops_per_device']:.3e} (6N + attention)"
+  )
   if report["flops_per_device"]:
-    lines.append(f"  FLOPs per device per step: {report['flops_per_device']:.3e}")
+    lines.append(
+      f"  XLA cost analysis: {report['flops_per_device']:.3e} FLOPs per device (each loop body "
+      "counted once: scanned layers undercount)"
+    )
   return "\n".join(lines)

@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from lcjax.models.stacking import adapt_to_stored, layers_layout
+
 __all__ = ["Checkpointer"]
 
 log = logging.getLogger(__name__)
@@ -51,14 +53,39 @@ class Checkpointer:
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
+  def _adapt(self, step: int, target: Any):
+    """(restore target, convert) for checkpoint `step`'s layer layout (`adapt_to_stored`).
+
+    Checkpoints written before `model.scan_layers` hold per-layer parameters; a scanned
+    model reads them per layer and stacks them (and the reverse), with a notice.
+    """
+    try:  # the stored tree's metadata (a fresh manager has no handler registered to ask)
+      with ocp.PyTreeCheckpointer() as reader:
+        metadata = reader.metadata(os.path.join(self.directory, str(step), "state"))
+      stored = layers_layout(metadata.item_metadata.tree)
+    except Exception:  # noqa: BLE001 - no readable metadata: restore as is, fail there
+      return target, lambda tree: tree
+    restore_target, convert = adapt_to_stored(target, stored)
+    if restore_target is not target:
+      log.warning(
+        "checkpoint %s/%d holds %s decoder layers and the model %s ones; converting while "
+        "restoring (model.scan_layers)",
+        self.directory,
+        step,
+        stored.replace("_", "-"),
+        layers_layout(target).replace("_", "-"),
+      )
+    return restore_target, convert
+
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """(step, state, data_state) of the newest checkpoint that restores, or None."""
     for step in reversed(self.steps()):
       try:
+        target, convert = self._adapt(step, abstract_state)
         restored = self._manager.restore(
           step,
           args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
           ),
         )
       except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
@@ -74,7 +101,14 @@ class Checkpointer:
         os.rename(os.path.join(self.directory, str(step)), aside)
         self._manager.reload()
         continue
-      return step, restored["state"], restored["data"]
+      state = restored["state"]
+      if target is not abstract_state:  # stacked or unstacked, placed as the target asks
+        state = jax.tree.map(
+          lambda x, t: x if t.sharding is None else jax.device_put(x, t.sharding),
+          convert(state),
+          abstract_state,
+        )
+      return step, state, restored["data"]
     return None
 
   def restore_params(self, abstract_params: Any, *, step: int | None = None) -> tuple[int, Any]:
@@ -90,6 +124,7 @@ class Checkpointer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params
       )
     }
+    target, convert = self._adapt(step, target)
     restored = self._manager.restore(
       step,
       args=ocp.args.Composite(
@@ -101,7 +136,7 @@ class Checkpointer:
         data=ocp.args.JsonRestore(),
       ),
     )
-    return step, restored["state"]["params"]
+    return step, convert(restored["state"])["params"]
 
   def close(self) -> None:
     self._manager.wait_until_finished()

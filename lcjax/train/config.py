@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     loss_chunk=1024,  # positions per chunk of the cross-entropy
     log_every=10,
     peak_flops=ml_collections.config_dict.placeholder(float),  # None: chip table / CPU matmul
+    # RAM per host for what the step keeps in host memory (model.remat=offload/offload_dots),
+    # checked by --compile_only. Default: a v5p TPU VM (4 chips), "RAM (GB) (4-chip VM) 448"
+    # in https://cloud.google.com/tpu/docs/v5p; half of it with NUMA binding.
+    host_memory_budget_gib=448.0,
   )
   c.checkpoint = dict(every_steps=200, keep=3, async_save=True)
   c.eval = dict(
@@ -124,6 +128,11 @@ def validate_config(config, *, num_devices: int | None = None, init_model_config
   t = config.train
   for name in ("steps", "batch_size", "grad_accum", "loss_chunk", "log_every"):
     require(t[name] >= 1, f"train.{name}={t[name]} must be a positive integer")
+  require(
+    t.host_memory_budget_gib > 0,
+    f"train.host_memory_budget_gib={t.host_memory_budget_gib} must be positive: the GiB of "
+    "RAM per host, e.g. 448 for a v5p host",
+  )
   require(
     t.batch_size % t.grad_accum == 0,
     f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}",

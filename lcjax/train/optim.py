@@ -14,6 +14,7 @@ import jax
 import optax
 
 from lcjax.config import require
+from lcjax.models.stacking import per_layer_paths, stacked_path
 from lcjax.pytree import path_str
 
 __all__ = ["make_schedule", "make_optimizer", "param_labels"]
@@ -48,17 +49,34 @@ def param_labels(params, tc):
   freeze = [re.compile(p) for p in tc.freeze]
   trainable = [re.compile(p) for p in tc.trainable]
 
-  def label(path, _):
+  def frozen(name: str) -> bool:
+    return any(p.search(name) for p in freeze) and not any(p.search(name) for p in trainable)
+
+  def label(path, leaf):
     name = path_str(path)
-    frozen = any(p.search(name) for p in freeze) and not any(p.search(name) for p in trainable)
-    return "frozen" if frozen else "trainable"
+    if not stacked_path(name):
+      return "frozen" if frozen(name) else "trainable"
+    # A stacked parameter (model.scan_layers) holds every layer: the regexes see the
+    # per-layer names ('layers/3/mlp/...'), and must select all layers or none.
+    per_layer = {frozen(n) for n in per_layer_paths(name, leaf.shape[0])}
+    require(
+      len(per_layer) == 1,
+      f"train.freeze/train.trainable select some layers of {name!r} but not others, and "
+      "model.scan_layers stores all layers in one array; set model.scan_layers=False to "
+      "freeze single layers",
+    )
+    return "frozen" if per_layer.pop() else "trainable"
 
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def _decay_mask(params):
-  # Decay matrices (kernels, embeddings); not norms' scales or biases (1-D).
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  # Decay matrices (kernels, embeddings); not norms' scales or biases (1-D per layer; a
+  # stacked layer parameter has one more axis).
+  def decays(path, x):
+    return x.ndim - stacked_path(path_str(path)) >= 2
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(tc, params) -> tuple[optax.GradientTransformation, optax.Schedule]:

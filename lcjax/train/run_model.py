@@ -35,6 +35,7 @@ from lcjax.interop.hf import config_from_hf, load_pretrained
 from lcjax.interop.native import MODEL_CONFIG_FILE, load_params, read_model_config
 from lcjax.interop.safetensors_io import CONFIG_FILE, read_config
 from lcjax.models import build_model, default_model_config
+from lcjax.models.stacking import adapt_to_stored, layers_layout
 from lcjax.parallel.sharding import batch_sharding
 from lcjax.train.checkpoint import Checkpointer
 from lcjax.train.optim import make_optimizer
@@ -231,8 +232,10 @@ def model_from_params(params, model_cfg, rope: dict | None = None) -> nnx.Module
     cfg.rope = dict(rope)
     if "max_position_embeddings" in rope:
       cfg.max_position_embeddings = rope["max_position_embeddings"]
-  graphdef, _ = nnx.split(abstract_model(cfg), nnx.Param)
-  return nnx.merge(graphdef, params)
+  graphdef, abstract = nnx.split(abstract_model(cfg), nnx.Param)
+  # Weights saved by a scanned model into an unrolled one, or the reverse (model.scan_layers).
+  _, to_model_layout = adapt_to_stored(nnx.to_pure_dict(abstract), layers_layout(params))
+  return nnx.merge(graphdef, to_model_layout(params))
 
 
 class RunSetup(NamedTuple):
