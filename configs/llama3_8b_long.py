@@ -25,9 +25,9 @@ for this uniform stack), each layer's input offloaded to host memory (model.rema
 offload), the MLP in 8K-token chunks per context shard (model.mlp_chunk), parameters
 sharded over fsdp x context (the logical rules), the Pallas attention kernels (impl=auto
 resolved for the TPU target) and 1K-position loss chunks.
-Arguments: seq_len (default 131072), context (mesh.context, default 8), fsdp (default 8),
-rope_theta (default 8e6: ABF base for 128K, Xiong et al. 2023), init_from (a Hugging
-Face folder), runlocal, 1m8.
+Arguments: seq_len (default 131072; 1048576 with 1m8), context (mesh.context, default
+8), fsdp (default 8), rope_theta (default 8e6: ABF base for 128K, Xiong et al. 2023),
+init_from (a Hugging Face folder), runlocal, 1m8.
 """
 
 from lcjax.config import parse_arg
@@ -37,7 +37,7 @@ from lcjax.train.config import base_config
 def get_config(arg=None):
   arg = parse_arg(
     arg,
-    seq_len=131072,
+    seq_len=0,  # 0: 131072, or 1048576 with 1m8
     context=8,
     fsdp=8,
     rope_theta=8e6,
@@ -46,7 +46,9 @@ def get_config(arg=None):
     **{"1m8": False},
   )
   if arg["1m8"]:
-    arg.update(seq_len=1 << 20, context=8, fsdp=1)
+    arg.update(context=8, fsdp=1)
+  if arg.seq_len == 0:
+    arg.seq_len = (1 << 20) if arg["1m8"] else 131072
   c = base_config()
   T = arg.seq_len
   c.model.update(

@@ -67,3 +67,22 @@ def test_host_memory_budget_must_be_positive():
   c.train.host_memory_budget_gib = 0.0
   with pytest.raises(ConfigError, match="train.host_memory_budget_gib=0.0 must be positive"):
     validate_config(c, num_devices=1)
+
+
+def test_scanned_offload_with_sharded_rows_is_refused_for_tpu_only():
+  """libtpu 0.0.42 aborts the process on this combination; validation names the fix first."""
+  c = load_config("configs/quickstart.py:tiny")
+  c.model.remat = "offload"
+  c.mesh.update(data=1, fsdp=2, context=4)
+  c.train.batch_size = 2
+  with pytest.raises(
+    ConfigError, match=r"offload.* rows sharded over mesh.data\*mesh.fsdp=2 aborts"
+  ):
+    validate_config(c, num_devices=8, platform="tpu")
+  validate_config(c, num_devices=8, platform="cpu")  # XLA:CPU compiles it
+  c.model.scan_layers = False
+  validate_config(c, num_devices=8, platform="tpu")
+  c.model.scan_layers = None
+  c.mesh.update(fsdp=1, context=8)
+  c.train.batch_size = 1
+  validate_config(c, num_devices=8, platform="tpu")  # one row per context group compiles

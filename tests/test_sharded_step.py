@@ -75,3 +75,33 @@ def test_sharded_train_step_moves_no_activation():
   assert moved, "the step has no collectives at all: is it sharded?"
   too_big = [c for c in moved if c[1] >= activation]
   assert not too_big, f"activation-sized collectives (>= {activation} elements): {too_big}"
+
+
+def test_pallas_attention_under_an_fsdp_mesh_without_context_equals_blockwise():
+  """Mosaic kernels cannot be partitioned by GSPMD: with context=1 on a multi-device mesh
+  the model runs them in a one-step ring's shard_map (Pallas interpret mode on CPU)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from lcjax.models import build_model, llama_config
+  from lcjax.parallel.mesh import make_mesh
+
+  tokens = np.random.default_rng(0).integers(0, 384, (8, 32))
+  segments = np.concatenate([np.ones((8, 12), int), 2 * np.ones((8, 20), int)], 1)
+  mesh = make_mesh(dict(data=1, fsdp=8, tensor=1, context=1))
+  results = {}
+  for impl in ("blockwise", "pallas"):
+    kw = dict(num_layers=1, attention_impl=impl, attention_block_q=16, attention_block_kv=16)
+    graphdef, params = nnx.split(build_model(llama_config(**kw), rngs=nnx.Rngs(0)), nnx.Param)
+
+    def loss(p, graphdef=graphdef):
+      return jnp.mean(nnx.merge(graphdef, p)(tokens, segment_ids=segments) ** 2)
+
+    with jax.set_mesh(mesh):
+      results[impl] = jax.jit(jax.value_and_grad(loss))(params)
+  # float32 online softmax in both; only the block order of the sums differs.
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    results["blockwise"],
+    results["pallas"],
+  )

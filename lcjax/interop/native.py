@@ -47,6 +47,8 @@ def read_model_config(folder: str) -> ml_collections.ConfigDict | None:
     fields = json.load(f)
   if isinstance(fields.get("layer_types"), list):  # a tuple in the config, a list in JSON
     fields["layer_types"] = tuple(fields["layer_types"])
+  if fields.get("remat") == "dots":  # the same policy, renamed save_dots (lcjax.models.remat)
+    fields["remat"] = "save_dots"
   return ml_collections.ConfigDict(fields)
 
 

@@ -129,6 +129,10 @@ class Attention(nnx.Module):
     name = resolve_impl(self.impl, q_BTHD)
     opts = AttentionOptions(mask, block_q=self.block_q, block_kv=self.block_kv)
     context_mesh = _context_mesh() if cache is None else None
+    if context_mesh is None and cache is None and name == "pallas":
+      # Mosaic/Triton kernels cannot be partitioned by GSPMD: under any multi-device mesh
+      # they run inside the ring's shard_map, a one-step ring when context is 1.
+      context_mesh = _multi_device_mesh()
     if context_mesh is not None:
       out_BTHD = self._context_parallel(
         context_mesh, name, q_BTHD, k_BTKD, v_BTKD, opts, segment_ids_BT, q_index_BT
@@ -178,6 +182,12 @@ class Attention(nnx.Module):
       block_q=opts.block_q,
       block_kv=opts.block_kv,
     )
+
+
+def _multi_device_mesh():
+  """The mesh set with `jax.set_mesh` when it has more than one device, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 else mesh
 
 
 def _context_mesh():

@@ -76,7 +76,7 @@ def lower_train_step(config, devices):
   the path rules, rows over ('data', 'fsdp'), the sequence over 'context'), so nothing
   is allocated. Raises ConfigError when XLA reports that the step does not fit.
   """
-  validate_config(config, num_devices=len(devices))
+  validate_config(config, num_devices=len(devices), platform=devices[0].platform)
   mesh = make_mesh(config.mesh, devices=devices)
   setup = abstract_setup(config)
   shardings = tree_shardings(setup.state, mesh)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
 
 from lcjax.config import ConfigError, require
@@ -20,7 +21,7 @@ from lcjax.eval.passkey import PASSKEY_THRESHOLD
 from lcjax.eval.perplexity import PPL_PROTOCOLS
 from lcjax.interop.safetensors_io import CheckpointError
 from lcjax.models import validate_model
-from lcjax.models.config import head_dim, llama_config
+from lcjax.models.config import head_dim, llama_config, scan_layers_enabled
 from lcjax.parallel.mesh import validate_parallel_config
 from lcjax.positional.rope import validate_rope_parameters
 from lcjax.train.run_model import RUNTIME_MODEL_FIELDS, model_config_for_run
@@ -87,10 +88,14 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def validate_config(config, *, num_devices: int | None = None, init_model_config=None) -> None:
+def validate_config(
+  config, *, num_devices: int | None = None, init_model_config=None, platform: str | None = None
+) -> None:
   """Raises ConfigError (one sentence: field and fix) before anything is traced.
 
   `num_devices`: the devices the mesh will span (default: all visible devices).
+  `platform`: the platform the step compiles for (default: this process's backend; an
+  AOT compile passes its topology's).
   `init_model_config`: the model config `init_from` will hold, for a checkpoint that is
   not written yet (a sweep point that starts after another); by default it is read from
   the `init_from` folder's config file, so `model_overrides` are checked before loading.
@@ -139,12 +144,35 @@ def validate_config(config, *, num_devices: int | None = None, init_model_config
   )
   require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
   require(config.checkpoint.keep >= 1, "checkpoint.keep must be >= 1 (keep-last-K)")
-  validate_parallel_config(
+  sizes = validate_parallel_config(
     config.mesh,
     config.parallel,
     seq_len=config.data.seq_len,
     batch_size=t.batch_size // t.grad_accum,
     num_devices=num_devices,
+  )
+  _check_compiler_limits(model_cfg, sizes, platform or jax.default_backend())
+
+
+def _check_compiler_limits(model_cfg, sizes: dict, platform: str) -> None:
+  """Combinations a compiler is known to abort on (a process abort cannot be caught).
+
+  libtpu 0.0.42 (jax 0.10.2) aborts in `tpu_layout_assignment.cc` ("Check failed:
+  num_window_dims == normalized_rank - 1") when it compiles scanned layers whose
+  inputs are offloaded to host while the rows are sharded over data/fsdp; one row per
+  context group (data = fsdp = 1, as `configs/llama3_8b_long.py:1m8`) compiles, and so
+  do remat=full and the unrolled loop (measured for issue #15).
+  """
+  if platform != "tpu" or model_cfg.get("remat") not in ("offload", "offload_dots"):
+    return
+  if "num_heads" not in model_cfg or not scan_layers_enabled(model_cfg):
+    return
+  require(
+    sizes["data"] * sizes["fsdp"] == 1,
+    f"model.remat={model_cfg.remat!r} with scanned layers and rows sharded over "
+    f"mesh.data*mesh.fsdp={sizes['data'] * sizes['fsdp']} aborts the TPU compiler (libtpu "
+    "0.0.42 layout-assignment check); use model.remat=full, or one row per context group "
+    "(mesh.data=mesh.fsdp=1), or model.scan_layers=False",
   )
 
 

@@ -71,7 +71,7 @@ _FLOAT_KEYS = ("loss_weights",)
 # own (notebooks, benchmarks); a run fills them in from those sections.
 # Model fields that say how the weights are computed with, not what they are: with
 # `init_from` they come from the run's `config.model`, on top of the checkpoint's config.
-TRAINING_MODEL_FIELDS = ("dtype", "remat", "ssd_impl")
+TRAINING_MODEL_FIELDS = ("dtype", "remat", "ssd_impl", "scan_layers", "mlp_chunk")
 RUNTIME_MODEL_FIELDS = {
   "attention_impl": "attention.impl",
   "attention_block_q": "attention.block_q",
@@ -95,7 +95,8 @@ def model_config_for_run(config, init_model_config=None) -> ml_collections.Confi
 
   With a checkpoint (`init_model_config`), the architecture is the checkpoint's:
   `model_overrides` change fields on it, and the fields that only say how the weights
-  are computed with (`TRAINING_MODEL_FIELDS`: compute dtype, remat) come from
+  are computed with (`TRAINING_MODEL_FIELDS`: compute dtype, remat, scan_layers,
+  mlp_chunk) come from
   `config.model`. The other fields a config sets in `config.model` (away from its
   family's default) are replaced by the checkpoint's, and a warning lists each one
   that differs, so a recipe's model (e.g. the quickstart's) can be reused with any
@@ -115,8 +116,10 @@ def model_config_for_run(config, init_model_config=None) -> ml_collections.Confi
         _require_runtime_agrees(config, key, cfg[key], f"model.{key}")
   else:
     configured = _configured_model_fields(config.model)
+    family_fields = default_model_config(cfg.get("family", "llama"))
     for key in TRAINING_MODEL_FIELDS:
-      if key in configured and key in cfg:
+      # A checkpoint config written before a field existed (scan_layers, mlp_chunk) lacks it.
+      if key in configured and (key in cfg or key in family_fields):
         cfg[key] = configured[key]
     for key, value in config.model_overrides.items():
       require(key in cfg, f"model_overrides.{key} is not a model field; known: {sorted(cfg)}")
