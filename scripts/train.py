@@ -4,7 +4,9 @@
   python scripts/train.py --config configs/quickstart.py:runlocal --workdir /tmp/q \
       --config.train.steps=50 --config.model.num_layers=2
 
-Rerunning the same command resumes from the newest complete checkpoint.
+Rerunning the same command resumes from the newest complete checkpoint. A config with
+`stages` runs them in WORKDIR/stage-<k>/, each from the previous one's final checkpoint
+(lcjax.sweep.stages); a finished stage is never rerun.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from lcjax.cli import run
 from lcjax.config import ConfigError
 from lcjax.parallel.distributed import maybe_initialize
 from lcjax.sweep.points import config_for_flags
+from lcjax.sweep.stages import largest_stage, run_stages
 from lcjax.train import TrainingDiverged, train
 from lcjax.train.aot import compile_train_step, format_report
 
@@ -49,9 +52,15 @@ def main(argv) -> int:
   if _COMPILE_ONLY.value:
     if not _TOPOLOGY.value:
       raise ConfigError("--compile_only needs --topology, e.g. --topology v5p:4x4x4")
+    if config.stages:  # a stage chain: its largest step is what must fit the pod
+      name, config = largest_stage(config)
+      print(f"{name} (the stage with the most tokens per step):")
     print(format_report(compile_train_step(config, _TOPOLOGY.value)))
     return 0
-  train(config, _WORKDIR.value)
+  if config.stages:
+    run_stages(config, _WORKDIR.value)
+  else:
+    train(config, _WORKDIR.value)
   return 0
 
 

@@ -71,6 +71,9 @@ class SweepSpec:
   points: tuple[Point, ...]
   metrics: tuple[str, ...]
   plots: tuple[Mapping[str, Any], ...]
+  # The config the points' overrides apply to; None: `get_config` of `spec` (a sweep file).
+  # Multi-stage runs (`lcjax.sweep.stages`) pass the run's own config here.
+  base: Any = None
 
   def point(self, name: str) -> Point:
     for point in self.points:
@@ -177,7 +180,12 @@ def point_config(
   `scripts/train.py --sweep_point`, whose own `--config.*` flags are `then`).
   """
   try:
-    config = load_config(spec.spec, point.overrides)
+    if spec.base is None:
+      config = load_config(spec.spec, point.overrides)
+    else:
+      config = spec.base.copy_and_resolve_references()
+      config.lock()
+      apply_overrides(config, point.overrides)
     if point.after is not None and sweep_dir is not None:
       config.init_from = os.path.abspath(os.path.join(sweep_dir, point.after))
     apply_overrides(config, then or {})

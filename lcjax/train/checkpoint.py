@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from lcjax.interop.safetensors_io import CheckpointError
 from lcjax.models.stacking import adapt_to_stored, layers_layout
 
 __all__ = ["Checkpointer"]
@@ -110,6 +111,32 @@ class Checkpointer:
         )
       return step, state, restored["data"]
     return None
+
+  def restore_state(self, abstract_state: Any) -> tuple[int, Any]:
+    """(step, train state) of the newest checkpoint, read into `abstract_state`'s structure.
+
+    For reading another run's checkpoint (`train.carry_optimizer_state`): a checkpoint
+    that does not restore raises `CheckpointError` and is left where it is.
+    """
+    steps = self.steps()
+    if not steps:
+      raise CheckpointError(f"{self.directory} has no complete checkpoint")
+    step = steps[-1]
+    target, convert = self._adapt(step, abstract_state)
+    try:
+      restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+      )
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a tree mismatch
+      raise CheckpointError(
+        f"{self.directory}/{step} does not restore into this run's train state "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the "
+        "optimizer (train.freeze, clipping) must match the run it is carried from"
+      ) from None
+    state = restored["state"]
+    if target is not abstract_state:
+      state = convert(state)
+    return step, state
 
   def restore_params(self, abstract_params: Any, *, step: int | None = None) -> tuple[int, Any]:
     """(step, params) of checkpoint `step` (default the newest), without the optimizer state.

@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
     grad_clip_norm=1.0,
     freeze=(),  # regexes over parameter paths, e.g. ("layers/.*/mlp",)
     trainable=(),  # regexes that stay trainable even when matched by freeze
+    # With init_from = an lcjax run folder, start from its newest checkpoint's optimizer
+    # state too (AdamW moments and count; the schedule restarts): ProLong's 512K stage.
+    carry_optimizer_state=False,
     loss_chunk=1024,  # positions per chunk of the cross-entropy
     log_every=10,
     peak_flops=ml_collections.config_dict.placeholder(float),  # None: chip table / CPU matmul
@@ -85,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   # params folder (scripts/convert_hf.py --to lcjax); see lcjax.train.run_model.load_init.
   c.init_from = ml_collections.config_dict.placeholder(str)
   c.model_overrides = {}  # applied on top of the checkpoint's model config with init_from
+  # A multi-stage run: dicts of dotted overrides, one per stage, run by scripts/train.py in
+  # WORKDIR/stage-<k>/, each from the previous stage's checkpoint (lcjax.sweep.stages).
+  c.stages = ()
   return c
 
 
@@ -141,6 +147,22 @@ def validate_config(
   require(
     t.batch_size % t.grad_accum == 0,
     f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}",
+  )
+  if t.carry_optimizer_state:
+    require(
+      config.init_from is not None
+      # A sweep point or stage validates before the run it starts from has written.
+      and (
+        init_model_config is not None
+        or os.path.isdir(os.path.join(config.init_from, "checkpoints"))
+      ),
+      f"train.carry_optimizer_state needs init_from to be an lcjax run folder with checkpoints "
+      f"(got init_from={config.init_from!r}); unset it or point init_from at a run",
+    )
+  require(
+    not config.get("stages"),
+    "config.stages is set: scripts/train.py runs the stages (lcjax.sweep.stages.run_stages); "
+    "lcjax.train.train runs one stage's config",
   )
   require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
   require(config.checkpoint.keep >= 1, "checkpoint.keep must be >= 1 (keep-last-K)")

@@ -126,6 +126,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     data_iter.set_state(data_states[str(jax.process_index())])
     if primary:
       print(f"resumed from {checkpointer.directory}/{start_step}")
+  elif config.train.carry_optimizer_state:
+    state = _carry_optimizer_state(config.init_from, state, setup.state, quiet=not primary)
 
   # FSDP / tensor-parallel shardings from the path rules; rows over (data, fsdp), the
   # sequence over context (in the layout's order).
@@ -190,6 +192,22 @@ def train(config, workdir: str) -> dict[str, Any]:
   elif step >= config.train.steps:
     final_evaluations(config, workdir, state["params"], model_cfg, step)
   return {**last, "step": step}
+
+
+def _carry_optimizer_state(run_dir: str, state, abstract_state, *, quiet: bool):
+  """`state` with the optimizer state of `run_dir`'s newest checkpoint (carry_optimizer_state).
+
+  The parameters are already `run_dir`'s (`init_from`); the step and RNG stay this run's,
+  so the learning-rate schedule restarts while AdamW's moments and count continue.
+  """
+  previous = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=1_000_000, async_save=False)
+  try:
+    step, carried = previous.restore_state(abstract_state)
+  finally:
+    previous.close()
+  if not quiet:
+    print(f"optimizer state carried over from {previous.directory}/{step}")
+  return {**state, "opt_state": carried["opt_state"]}
 
 
 def _data_name(data) -> str:
