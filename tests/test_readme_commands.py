@@ -642,8 +642,12 @@ def run_train(ws: Workspace, cmd: Command) -> None:
 
   `--compile_only --topology T` compiles for T's chips (skipped, with a warning, only when
   libtpu is missing); `--num_processes=K` starts all K processes with a free coordinator port.
+  A multi-stage config (`stages`) runs its `smoke` arg instead (`run_stages_smoke`).
   """
   argv = ws.substitute(cmd.argv)
+  if "--compile_only" not in argv and _has_stages(argv):
+    run_stages_smoke(ws, cmd, argv)
+    return
   topology = _flag(argv, "topology")
   if "--compile_only" in argv and topology:
     if importlib.util.find_spec("libtpu") is None:
@@ -738,6 +742,43 @@ def run_convert(ws: Workspace, cmd: Command) -> None:
     import transformers
 
     transformers.AutoModelForCausalLM.from_pretrained(dst)
+
+
+def _has_stages(argv: list[str]) -> bool:
+  try:
+    return bool(_resolve_config(argv).get("stages"))
+  except Exception:  # noqa: BLE001 - _shrunk reports a config that does not resolve
+    return False
+
+
+def run_stages_smoke(ws: Workspace, cmd: Command, argv: list[str]) -> None:
+  """A multi-stage config's command as its `smoke` arg: every stage, tiny and a few steps.
+
+  Stage overrides set each stage's lengths and steps, so the generic shrinking cannot
+  reach them; the config's own `smoke` size is the cheap form of the same chain. Every
+  stage folder must end with a loss line and a checkpoint, and the chain with results.csv.
+  """
+  path = (_flag(argv, "config") or "").partition(":")[0]
+  if not re.search(r"\bsmoke\s*=", (ROOT / path).read_text()):
+    pytest.fail(
+      f"README.md:{cmd.line}: `{cmd.text}`: {path} has stages but no `smoke` arg to run them "
+      f"cheaply; add one or a rule in {Path(__file__).name}",
+      pytrace=False,
+    )
+  argv = _set_flag(argv, "config", f"{path}:smoke")
+  key = _normalized(argv, drop=("workdir",))
+  if key in ws.done:
+    ws.notes.append(f"`{cmd.text}` is the same smoke chain as an earlier command: not rerun")
+    return
+  ws.done.add(key)
+  full = _python(argv)
+  output = _run(ws, full, _process_env(cmd.env, ws.request.getfixturevalue("compile_cache")), full)
+  workdir = Path(_flag(argv, "workdir"))
+  stages = sorted(p for p in workdir.glob("stage-*") if p.is_dir())
+  if not stages or not (workdir / "results.csv").exists():
+    _fail(ws, "0, but no stage folders or no results.csv", full, output)
+  for stage in stages:
+    _check_run_folder(ws, str(stage), full, output)
 
 
 def run_sweep_script(ws: Workspace, cmd: Command) -> None:

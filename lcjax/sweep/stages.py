@@ -14,9 +14,12 @@ Each stage is the config (without `stages`) plus that stage's dotted overrides, 
 previous stage's: a stage says everything in which it differs from the base config.
 Stage k > 1 starts from stage k-1's final checkpoint (`init_from` = its run folder), so
 its architecture is the checkpoint's; the stage's `model.*` values (RoPE θ, max
-positions, remat) are passed as `model_overrides`, every model field that differs from
-stage k-1's. `train.carry_optimizer_state` also carries stage k-1's optimizer state
-(AdamW moments and count) into the stage; its learning-rate schedule restarts.
+positions, remat) are passed as `model_overrides`: every model field the stage names or
+that differs from stage k-1's, whole (the full `rope` dict). Stage 1 starts from the
+config's own `init_from` when it has one (a Hugging Face folder), with the model fields
+it names as `model_overrides` likewise. `train.carry_optimizer_state` also carries stage
+k-1's optimizer state (AdamW moments and count) into the stage; its learning-rate
+schedule restarts.
 
 The stages are points of a sweep (`lcjax.sweep.runner`), so a finished stage is never
 rerun (its `sweep_point.json`), an interrupted one resumes from its newest checkpoint,
@@ -38,7 +41,14 @@ from lcjax.sweep.points import Point, SweepSpec, plain
 from lcjax.sweep.runner import run_sweep
 from lcjax.train.metrics import read_metrics
 
-__all__ = ["largest_stage", "stage_name", "stages_spec", "run_stages", "plot_stage_losses"]
+__all__ = [
+  "largest_stage",
+  "plot_stage_losses",
+  "run_stages",
+  "stage_configs",
+  "stage_name",
+  "stages_spec",
+]
 
 _PPL_METRIC = "eval/ppl@{x}/trained"
 
@@ -92,13 +102,15 @@ def stages_spec(config) -> SweepSpec:
   for k, stage in enumerate(stages, 1):
     overrides = {key: value for key, value in stage.items() if not key.startswith("model.")}
     model = _model_section(base, stage)
-    if k == 1:
+    named = {key.split(".")[1] for key in stage if key.startswith("model.")}
+    if k == 1 and base.init_from is None:
       overrides.update({key: value for key, value in stage.items() if key.startswith("model.")})
     else:
-      # From a checkpoint the model is the checkpoint's: changes go through model_overrides.
-      for field, value in model.items():
-        if previous_model.get(field) != value:
-          overrides[f"model_overrides.{field}"] = value
+      # From a checkpoint the model is the checkpoint's: changes go through model_overrides,
+      # the whole value of each field the stage names or that differs from the last stage.
+      changed = named if k == 1 else named | {f for f, v in model.items() if previous_model[f] != v}
+      for field in sorted(changed):
+        overrides[f"model_overrides.{field}"] = model[field]
     previous_model = model
     points.append(Point(stage_name(k), overrides, stage_name(k - 1) if k > 1 else None))
   return SweepSpec(
@@ -118,24 +130,31 @@ def stages_spec(config) -> SweepSpec:
   )
 
 
-def largest_stage(config) -> tuple[str, ml_collections.ConfigDict]:
-  """(name, config) of the stage with the most tokens per step (the last of equals).
-
-  Its config is the base config with the stage's overrides applied directly (its model
-  fields included, no `init_from`): what `--compile_only` checks for a pod before the
-  chain runs, since a stage's step does not depend on the weights it starts from.
-  """
+def stage_configs(config) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """(name, config) of every stage as a standalone run: the base config with the stage's
+  overrides applied directly (its model fields included, no `init_from`, no carried
+  optimizer state). What a pod check compiles, since a stage's step does not depend on
+  the weights it starts from; and what a recipe's published numbers are checked on."""
   base = _base(config)
-  best = None
+  base.init_from = None
+  out = []
   for k, stage in enumerate(_stage_dicts(config), 1):
     stage_config = base.copy_and_resolve_references()
     stage_config.lock()
     apply_overrides(stage_config, {**stage, "train.carry_optimizer_state": False})
+    out.append((stage_name(k), stage_config))
+  if not out:
+    raise ConfigError("config.stages is empty; a multi-stage run needs at least one stage")
+  return out
+
+
+def largest_stage(config) -> tuple[str, ml_collections.ConfigDict]:
+  """(name, config) of the stage with the most tokens per step (the last of equals)."""
+  best = None
+  for name, stage_config in stage_configs(config):
     tokens = stage_config.train.batch_size * stage_config.data.seq_len
     if best is None or tokens >= best[0]:
-      best = (tokens, stage_name(k), stage_config)
-  if best is None:
-    raise ConfigError("config.stages is empty; a multi-stage run needs at least one stage")
+      best = (tokens, name, stage_config)
   return best[1], best[2]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import time
 from typing import Any
 
@@ -61,9 +62,8 @@ class Checkpointer:
     model reads them per layer and stacks them (and the reverse), with a notice.
     """
     try:  # the stored tree's metadata (a fresh manager has no handler registered to ask)
-      with ocp.PyTreeCheckpointer() as reader:
-        metadata = reader.metadata(os.path.join(self.directory, str(step), "state"))
-      stored = layers_layout(metadata.item_metadata.tree)
+      folder = pathlib.Path(self.directory, str(step), "state")
+      stored = layers_layout(ocp.PyTreeCheckpointHandler().metadata(folder).tree)
     except Exception:  # noqa: BLE001 - no readable metadata: restore as is, fail there
       return target, lambda tree: tree
     restore_target, convert = adapt_to_stored(target, stored)

@@ -1,0 +1,39 @@
+"""Helpers the continual-pretraining recipe configs share (`configs/recipes/*.py`).
+
+A recipe is published at pod scale (32K–1M tokens, θ up to 1e8, billions of tokens); its
+`runlocal` size keeps the recipe's shape on a laptop CPU: lengths divided by a constant,
+RoPE θ rescaled so that the same fraction of rotary dimensions completes a period within
+the training length, and stage steps in the recipe's token ratios.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = ["scaled_rope_theta", "steps_in_ratio"]
+
+
+def scaled_rope_theta(theta: float, length: int, new_length: int) -> float:
+  """The base θ' at `new_length` whose critical-dimension fraction equals θ's at `length`.
+
+  Rotary dimension pair i (of d/2) has wavelength 2π θ^(2i/d); the pairs whose wavelength
+  fits in a training length T are those with 2i/d ≤ log_θ(T / 2π) — the fraction behind
+  the critical dimension of Liu et al. 2023 ("Scaling Laws of RoPE-based Extrapolation",
+  arXiv:2310.05209, eq. 5: d_extra = 2⌈(d/2)·log_θ(T_train / 2π)⌉). Keeping that fraction
+  when T shrinks to T' gives ln θ' = ln θ · ln(T'/2π) / ln(T/2π).
+  """
+  if not (theta > 1 and length > 2 * math.pi and new_length > 2 * math.pi):
+    raise ValueError(
+      f"scaled_rope_theta needs theta > 1 and lengths > 2π, got {theta}, {length}, {new_length}"
+    )
+  ratio = math.log(new_length / (2 * math.pi)) / math.log(length / (2 * math.pi))
+  return float(math.exp(math.log(theta) * ratio))
+
+
+def steps_in_ratio(tokens: Sequence[float], total_steps: int) -> tuple[int, ...]:
+  """Steps per stage proportional to `tokens` (each ≥ 1), summing to about `total_steps`."""
+  if total_steps < len(tokens) or any(t <= 0 for t in tokens):
+    raise ValueError(f"steps_in_ratio({tokens}, {total_steps}): need positive tokens, a step each")
+  scale = total_steps / sum(tokens)
+  return tuple(max(1, round(t * scale)) for t in tokens)
