@@ -190,7 +190,7 @@ def test_hf_tokenizer_and_decomposition_from_the_command_line(tmp_path):
     f"--config.data.tokenizer.path={tmp_path}/tok",
     "--config.data.tokenizer.eos_token=</s>",
     "--config.data.tokenizer.vocab_size=16",
-    '--config.data.decomposition={"min_log2": 3, "curriculum_steps": 5}',
+    '--config.data.decomposition={"min_log2": 3, "curriculum": [4, 3, 2, 1]}',
   )
   valid = validate_data_config(cfg.data)
   assert valid["tokenizer"] == {
@@ -200,6 +200,9 @@ def test_hf_tokenizer_and_decomposition_from_the_command_line(tmp_path):
     "vocab_size": 16,
   }
   assert valid["decomposition"]["min_log2"] == 3 and valid["decomposition"]["max_log2"] == 6
+  assert valid["decomposition"]["curriculum"] == [4.0, 3.0, 2.0, 1.0]
+  assert valid["decomposition"]["cycles_per_pass"] == 1  # defaults: the reference's split
+  assert valid["decomposition"]["long_split"] == "random"
   it = make_train_iterator(cfg.data, batch_size=2, seed=0)
   batch = next(it)
   assert batch["tokens"].size == 2 * 64 and batch["tokens"].shape[1] in (8, 16, 32, 64)
@@ -298,3 +301,65 @@ def test_config_dicts_round_trip_through_json():
   restored = ml_collections.ConfigDict(json.loads(cfg.to_json_best_effort()))
   assert restored.source.path == ["a/*.jsonl", "b/*.jsonl"]
   assert restored.mixture == [{"source": {"kind": "stdlib"}, "weight": 1.0}]
+
+
+def test_anchor_scheme_from_the_command_line_starts_every_row_with_bos(tmp_path):
+  texts = [f"document {i} " * (i + 1) for i in range(12)]  # some longer than a row
+  write_jsonl(tmp_path / "a.jsonl", texts)
+  cfg = parse_config(
+    tmp_path,
+    "--config.data.source.kind=jsonl",
+    f"--config.data.source.path={tmp_path}/a.jsonl",
+    "--config.data.source.validation_fraction=0",
+    "--config.data.position_scheme=anchor",
+    "--config.data.seq_len=32",
+  )
+  bos = build_tokenizer({"kind": "byte"}).bos_id
+  it = make_train_iterator(cfg.data, batch_size=4, seed=0)
+  tokens = np.concatenate([next(it)["tokens"] for _ in range(4)])
+  assert np.all(tokens[:, 0] == bos) and not np.any(tokens[:, 1:] == bos)
+
+
+def test_anchor_scheme_rejects_decomposition():
+  """Decomposed rows are slices of one document: no shared BOS anchor to start them."""
+  cfg = default_data_config()
+  cfg.position_scheme = "anchor"
+  cfg.seq_len = 64
+  cfg.decomposition = {}
+  with pytest.raises(ConfigError, match=r"data.position_scheme='anchor' .* data.decomposition"):
+    validate_data_config(cfg)
+
+
+@pytest.mark.parametrize(
+  "scheme, anchor, match",
+  [
+    ("anchor", False, r"data.position_scheme='anchor' needs model.anchor=True"),
+    ("global", True, r"model.anchor=True needs data.position_scheme='anchor'"),
+    ("per_document", True, r"model.anchor=True needs data.position_scheme='anchor'"),
+    ("anchor", True, None),
+    ("global", False, None),
+  ],
+)
+def test_anchor_scheme_and_model_anchor_must_agree(scheme, anchor, match):
+  """AnchorAttention is the packer's shared BOS anchor and the model's anchor mask together."""
+  from lcjax.train.config import base_config, validate_config
+
+  c = base_config()
+  c.data.position_scheme = scheme
+  c.model.anchor = anchor
+  if match is None:
+    validate_config(c, num_devices=1)
+  else:
+    with pytest.raises(ConfigError, match=match):
+      validate_config(c, num_devices=1)
+
+
+def test_anchor_scheme_needs_a_model_with_an_anchor_mask():
+  from lcjax.models import mamba2_config
+  from lcjax.train.config import base_config, validate_config
+
+  c = base_config()
+  c.model = mamba2_config()
+  c.data.position_scheme = "anchor"
+  with pytest.raises(ConfigError, match=r"model.family='mamba2' has no attention mask"):
+    validate_config(c, num_devices=1)

@@ -211,7 +211,7 @@ def test_mixture_pipeline_follows_the_sampler_and_restores():
 
 
 def test_decomposition_pipeline_batches_and_restore():
-  cfg = config("long", seq_len=64, decomposition={"min_log2": 3, "curriculum_steps": 10})
+  cfg = config("long", seq_len=64, decomposition={"min_log2": 3, "cycles_per_pass": 2})
   it = fake_iterator(cfg, batch_size=2, seed=0)
   shapes = set()
   for batch in take(it, 12):
@@ -225,6 +225,29 @@ def test_decomposition_pipeline_batches_and_restore():
   fresh.set_state(state)
   assert_same_batches(take(fresh, 6), want)
   assert it.stats()["documents"] == len(CORPORA["long"])
+
+
+def test_decomposition_processes_agree_on_bucket_sizes(monkeypatch):
+  """With several processes every step must draw the same bucket everywhere, so the pipeline
+  agrees the bucket sizes (an all-gather, faked here) before scheduling."""
+  import lcjax.data.pipeline as pipeline
+
+  cfg = config("long", seq_len=64, decomposition={"min_log2": 3})
+  local = []
+  monkeypatch.setattr(pipeline, "min_over_processes", lambda sizes: local.append(sizes) or sizes)
+  for process in range(2):
+    fake_iterator(cfg, batch_size=2, seed=0, process_index=process, process_count=2)
+  assert len(local) == 2 and not np.array_equal(*local)
+  monkeypatch.setattr(pipeline, "min_over_processes", lambda sizes: np.minimum(*local))
+  shapes = [
+    [b["tokens"].shape for b in take(fake_iterator(cfg, batch_size=2, seed=0, process_index=p,
+                                                   process_count=2), 40)]
+    for p in range(2)
+  ]  # fmt: skip
+  assert shapes[0] == shapes[1]
+  cfg.num_workers = 1
+  with pytest.raises(ConfigError, match="set data.num_workers=0"):
+    fake_iterator(cfg, batch_size=2, seed=0, process_index=0, process_count=2)
 
 
 @pytest.mark.parametrize(
@@ -246,6 +269,11 @@ def test_decomposition_pipeline_batches_and_restore():
     ({"decomposition": {"min_log2": 5, "max_log2": 4}}, "min_log2=5 exceeds max_log2=4"),
     ({"decomposition": {"tokens_per_batch": 40}}, "tokens_per_batch=40 must be a positive"),
     ({"decomposition": {"curriculum": "linear"}}, "curriculum='linear' is unknown"),
+    ({"decomposition": {"curriculum": [3, 2, 1]}}, "must hold 6 positive odds"),
+    ({"decomposition": {"curriculum": [5, 4, 3, 2, 1, -1]}}, "must hold 6 positive odds"),
+    ({"decomposition": {"cycles_per_pass": 0}}, "cycles_per_pass must be an int >= 1"),
+    ({"decomposition": {"long_split": "middle"}}, "long_split='middle' is unknown"),
+    ({"decomposition": {"curriculum_steps": 10}}, "curriculum_steps was removed"),
     (
       {"decomposition": {}, "mixture": [{"source": {"kind": "fake"}, "weight": 1}]},
       "cannot be combined",

@@ -1,15 +1,9 @@
-"""Packing invariants (segments, targets, positions, loss weights) and Dataset Decomposition."""
+"""Packing invariants (segments, targets, positions, loss weights); DD: test_decomposition.py."""
 
 import numpy as np
 import pytest
 
 from lcjax.attention.masks import MaskSpec
-from lcjax.data.decomposition import (
-  DecomposedBatcher,
-  binary_decomposition,
-  curriculum_probabilities,
-  decompose_document,
-)
 from lcjax.data.packing import DocumentPacker, frame_document, make_positions_np, row_loss_weights
 from lcjax.positional.positions import make_positions
 
@@ -148,10 +142,11 @@ def test_document_loss_weighting_lwm(mixed_docs):
   for token_row, doc_row in zip(token_rows, doc_rows, strict=True):
     seg, mask, w = doc_row["segment_ids"], token_row["loss_weights"], doc_row["loss_weights"]
     np.testing.assert_array_equal(w > 0, mask > 0)
-    np.testing.assert_allclose(w[mask > 0].mean(), 1.0, rtol=1e-6)
     pieces = [s for s in np.unique(seg[seg > 0]) if mask[seg == s].sum() > 0]
-    sums = [w[seg == s].sum() for s in pieces]
-    np.testing.assert_allclose(sums, sums[0], rtol=1e-5)  # every document weighs the same
+    # Every piece weighs 1, spread evenly over its loss tokens, whatever its length.
+    np.testing.assert_allclose([w[seg == s].sum() for s in pieces], 1.0, rtol=1e-5)
+    for s in pieces:
+      np.testing.assert_allclose(w[(seg == s) & (mask > 0)], 1 / mask[seg == s].sum(), rtol=1e-6)
     # The weighted loss is the mean over documents of each document's mean loss.
     nll = rng.random(64)
     per_doc = np.mean([nll[(seg == s) & (mask > 0)].mean() for s in pieces])
@@ -162,12 +157,148 @@ def test_document_loss_weighting_lwm(mixed_docs):
 def test_row_loss_weights_by_hand():
   seg = np.array([1, 1, 1, 1, 2, 2, 0, 0])
   mask = np.array([1, 1, 1, 0, 1, 0, 0, 0])
-  # N = 4 loss tokens, S = 2 documents: doc 1 (3 tokens) 4/(2*3), doc 2 (1 token) 4/(2*1).
-  expected = [2 / 3, 2 / 3, 2 / 3, 0, 2, 0, 0, 0]
+  # Each piece sums to 1: doc 1 has 3 loss tokens (1/3 each), doc 2 one (1).
+  expected = [1 / 3, 1 / 3, 1 / 3, 0, 1, 0, 0, 0]
   np.testing.assert_allclose(row_loss_weights(seg, mask, "document"), expected, rtol=1e-6)
   np.testing.assert_array_equal(row_loss_weights(seg, mask, "token"), mask)
   with pytest.raises(ValueError, match="loss_weighting"):
     row_loss_weights(seg, mask, "sequence")
+
+
+def issue_example_rows():
+  """Issue #14's example: row A holds one document with 7 loss tokens, row B four documents
+  with 1 loss token each (then padding). Returns segment_ids_BT, loss_mask_BT, document_BT (a
+  batch-wide document index, -1 where nothing is predicted)."""
+  seg_BT = np.array([[1] * 7 + [0], [1, 2, 3, 4, 0, 0, 0, 0]], np.int32)
+  mask_BT = (seg_BT > 0).astype(np.float32)
+  doc_BT = np.where(seg_BT > 0, seg_BT - 1 + np.array([[0], [1]]), -1)
+  return seg_BT, mask_BT, doc_BT
+
+
+def test_document_weighting_is_one_per_document_across_rows():
+  """LWM: every document weighs 1/5 of the batch loss, not 7/11 and 1/11 (weights equalized
+  within each row, then normalized over the batch)."""
+  seg_BT, mask_BT, doc_BT = issue_example_rows()
+  w_BT = np.stack(
+    [row_loss_weights(s, m, "document") for s, m in zip(seg_BT, mask_BT, strict=True)]
+  )
+  share = [w_BT[doc_BT == d].sum() / w_BT.sum() for d in range(5)]
+  np.testing.assert_allclose(share, 0.2, rtol=1e-6)
+  # sum(w * nll) / sum(w), the train step's loss, is the mean over documents of their means.
+  nll_BT = np.random.default_rng(0).random(seg_BT.shape)
+  per_doc = np.mean([nll_BT[doc_BT == d].mean() for d in range(5)])
+  np.testing.assert_allclose((w_BT * nll_BT).sum() / w_BT.sum(), per_doc, rtol=1e-6)
+
+
+def anchor_oracle(docs, seq_len):
+  """What the AnchorAttention rows must be, built independently of the packer.
+
+  Documents are framed without BOS (`tokens + [eos]`) and concatenated; every row is the BOS
+  anchor followed by the next `seq_len - 1` stream tokens (AnchorContext `train.py`:
+  `add_anchor_token_to_inputs`). Returns, per row, (tokens, targets, segment_ids, loss_weights,
+  document index per slot: -1 for the anchor and padding).
+  """
+  framed = [np.append(encode(d), EOS) for d in docs if d != UNDECODABLE and d]
+  stream = np.concatenate(framed)
+  doc_of = np.concatenate([np.full(f.size, i) for i, f in enumerate(framed)])
+  starts = np.concatenate([[True], doc_of[1:] != doc_of[:-1]])
+  rows, g = [], 0
+  while g < stream.size:
+    idx = np.arange(g, min(g + seq_len - 1, stream.size))
+    n = idx.size
+    tokens = np.full(seq_len, PAD)
+    targets = np.full(seq_len, PAD)
+    seg = np.zeros(seq_len, int)
+    weights = np.zeros(seq_len)
+    docs_in_row = np.full(seq_len, -1)
+    tokens[0], tokens[1 : n + 1] = BOS, stream[idx]
+    # The anchor predicts the row's first token; it counts when that token starts a document.
+    targets[0], weights[0], seg[0] = stream[g], float(starts[g]), 1
+    seg[1 : n + 1] = 1 + np.cumsum(np.concatenate([[0], doc_of[idx[1:]] != doc_of[idx[:-1]]]))
+    docs_in_row[1 : n + 1] = doc_of[idx]
+    for j, gi in enumerate(idx, start=1):
+      if gi + 1 < stream.size and doc_of[gi + 1] == doc_of[gi]:
+        targets[j], weights[j] = stream[gi + 1], 1.0
+    rows.append((tokens, targets, seg, weights, docs_in_row))
+    g += n
+  return rows
+
+
+def anchor_docs():
+  docs = random_docs(6, 12, 40)
+  docs[2] = bytes(range(100))  # 101 framed tokens: several continuation rows of 32
+  docs[5] = b""
+  docs[8] = bytes(range(200, 256)) * 2  # 113 framed tokens
+  docs[9] = b"z"  # one token and eos
+  return docs
+
+
+def test_anchor_rows_start_with_one_shared_bos():
+  """AnchorAttention: every row, continuation rows included, starts with the one BOS anchor;
+  documents carry no BOS of their own; positions are global; the anchor predicts the row's first
+  token (weight 1 only when a document starts there); the mask shows key 0 to every document."""
+  docs = anchor_docs()
+  T = 32
+  rows, _ = pack_all(docs, T, position_scheme="anchor")
+  doc_rows, _ = pack_all(docs, T, position_scheme="anchor", loss_weighting="document")
+  want = anchor_oracle(docs, T)
+  assert len(rows) == len(want) and len(rows) > 10
+  continuation_rows = 0
+  spec = MaskSpec(causal=True, document=True, anchor=True)
+  t_1T = np.arange(T)[None]
+  for row, doc_row, expected in zip(rows, doc_rows, want, strict=True):
+    tokens, targets, seg, weights, doc_of = expected
+    assert row["tokens"][0] == BOS and not np.any(row["tokens"][1:] == BOS)
+    np.testing.assert_array_equal(row["tokens"], tokens)
+    np.testing.assert_array_equal(row["targets"], targets)
+    np.testing.assert_array_equal(row["segment_ids"], seg)
+    np.testing.assert_array_equal(row["loss_weights"], weights)
+    np.testing.assert_array_equal(row["positions"], np.arange(T))
+    assert not np.any((row["targets"] == BOS) & (row["loss_weights"] > 0)), "BOS is no target"
+    continuation_rows += row["loss_weights"][0] == 0
+    # Document weighting: the anchor's prediction belongs to the first piece; each piece sums to 1.
+    w = doc_row["loss_weights"]
+    for s in np.unique(seg[weights > 0]):
+      np.testing.assert_allclose(w[seg == s].sum(), 1.0, rtol=1e-5)
+    # The model's mask (model.anchor=True): every query sees the anchor and its own document.
+    allowed_TT = np.asarray(spec.dense(t_1T, t_1T, seg[None], seg[None]))[0]
+    assert np.all(allowed_TT[:, 0]), "key 0 is visible to every query"
+    assert not np.any(allowed_TT[0, 1:]), "the anchor sees only itself"
+    # Between document tokens (index 1 on, not padding): causal within the same document only.
+    real = np.flatnonzero(doc_of >= 0)
+    same_doc = (doc_of[real, None] == doc_of[None, real]) & (real[:, None] >= real[None, :])
+    np.testing.assert_array_equal(allowed_TT[np.ix_(real, real)], same_doc)
+  assert continuation_rows >= 4, "rows that continue a document also start with the anchor"
+
+
+def test_anchor_is_the_only_key_documents_share_in_the_model():
+  """Model-level AnchorAttention on a packed anchor row: changing one document leaves the others'
+  logits unchanged; changing the anchor changes every document's."""
+  from flax import nnx
+
+  from lcjax.models import build_model, llama_config
+
+  T = 32
+  docs = [b"abcdefghij", b"klmnop", b"qrstuvwxyz0123456789"]
+  row = next(make_packer(docs, T, position_scheme="anchor"))
+  seg_T = row["segment_ids"]
+  assert seg_T.max() == 3
+  cfg = llama_config(anchor=True, dtype="float32", num_layers=1, d_model=64, mlp_dim=128)
+  model = build_model(cfg, rngs=nnx.Rngs(0))
+
+  other_doc = row["tokens"].copy()
+  other_doc[seg_T == 2] = (other_doc[seg_T == 2] + 1) % 256
+  other_anchor = row["tokens"].copy()
+  other_anchor[0] = EOS
+  tokens_BT = np.stack([row["tokens"], other_doc, other_anchor])
+  logits_BTV = np.asarray(
+    model(
+      tokens_BT, positions=np.tile(row["positions"], (3, 1)), segment_ids=np.tile(seg_T, (3, 1))
+    )
+  )
+  changed_BT = np.abs(logits_BTV[1:] - logits_BTV[:1]).max(-1) > 1e-5
+  np.testing.assert_array_equal(changed_BT[0], seg_T == 2)  # one document changed: only it moves
+  assert np.all(changed_BT[1][seg_T > 0]), "every document sees the anchor"
 
 
 def test_empty_and_undecodable_skipped_and_counted(mixed_docs):
@@ -206,105 +337,3 @@ def test_packer_state_restores_mid_document(mixed_docs):
 def test_make_positions_np_rejects_unknown_scheme():
   with pytest.raises(ValueError, match="position scheme 'rope'"):
     make_positions_np(np.ones((1, 4), np.int32), "rope")
-
-
-# ----------------------------------------------------------------------------------------------
-# Dataset Decomposition
-
-
-def test_binary_decomposition():
-  assert binary_decomposition(13, 0, 10) == [8, 4, 1]
-  assert binary_decomposition(13, 1, 10) == [8, 4]
-  assert binary_decomposition(13, 0, 2) == [4, 4, 4, 1]
-  assert binary_decomposition(3, 2, 5) == []
-  rng = np.random.default_rng(0)
-  for length in rng.integers(0, 5000, 200):
-    pieces = binary_decomposition(int(length), 3, 9)
-    assert all(8 <= p <= 512 and p & (p - 1) == 0 for p in pieces)
-    assert pieces == sorted(pieces, reverse=True)
-    assert 0 <= length - sum(pieces) < 8
-  windows = decompose_document(14, 0, 10)  # 13 next-token pairs
-  assert windows == [(0, 8), (8, 4), (12, 1)]
-
-
-def test_curriculum_probabilities():
-  grow0 = curriculum_probabilities("grow", 0, 6, base=2.0, steps=100)
-  np.testing.assert_allclose(grow0, np.array([32, 16, 8, 4, 2, 1]) / 63)
-  np.testing.assert_allclose(curriculum_probabilities("grow", 50, 6, steps=100), np.full(6, 1 / 6))
-  np.testing.assert_allclose(curriculum_probabilities("grow", 500, 6, steps=100), grow0[::-1])
-  np.testing.assert_allclose(curriculum_probabilities("shrink", 0, 6, steps=100), grow0[::-1])
-  np.testing.assert_allclose(curriculum_probabilities("uniform", 7, 3), np.full(3, 1 / 3))
-  with pytest.raises(ValueError, match="curriculum 'linear'"):
-    curriculum_probabilities("linear", 0, 3)
-
-
-def make_batcher(docs, **kwargs):
-  defaults = dict(
-    bos_id=BOS,
-    eos_id=EOS,
-    min_log2=2,
-    max_log2=6,
-    tokens_per_batch=128,
-    curriculum_steps=40,
-    seed=3,
-    skip_errors=(Undecodable,),
-  )
-  return DecomposedBatcher(docs, encode, **{**defaults, **kwargs})
-
-
-def test_decomposition_pieces_are_powers_of_two_from_one_document():
-  docs = random_docs(2, 60, 400)
-  docs[5] = b""
-  docs[9] = UNDECODABLE
-  framed = [frame_document(encode(d), BOS, EOS) if d and d != UNDECODABLE else None for d in docs]
-  batcher = make_batcher(docs)
-  assert batcher.index_stats["skipped_empty"] == 1
-  assert batcher.index_stats["skipped_undecodable"] == 1
-  lengths, windows = [], {}
-  for _ in range(60):
-    batch = next(batcher)
-    rows, length = batch["tokens"].shape
-    assert length & (length - 1) == 0 and 4 <= length <= 64 and rows * length == 128
-    np.testing.assert_array_equal(batch["segment_ids"], 1)
-    np.testing.assert_array_equal(batch["loss_weights"], 1.0)
-    np.testing.assert_array_equal(
-      batch["positions"], np.broadcast_to(np.arange(length), (rows, length))
-    )
-    if length not in windows:  # every (length + 1)-slice of every document, by content
-      windows[length] = {}
-      for i, f in enumerate(framed):
-        if f is not None and f.size > length:
-          for w in np.lib.stride_tricks.sliding_window_view(f, length + 1):
-            windows[length].setdefault(w.tobytes(), []).append(i)
-    for tokens, targets in zip(batch["tokens"], batch["targets"], strict=True):
-      np.testing.assert_array_equal(targets[:-1], tokens[1:])
-      hits = windows[length].get(np.concatenate([tokens, targets[-1:]]).tobytes(), [])
-      assert len(hits) == 1, "each piece is a contiguous slice of exactly one document"
-    lengths.append(length)
-  # The grow curriculum moves from short to long pieces.
-  assert np.mean(lengths[:15]) < np.mean(lengths[-15:])
-
-
-def test_decomposition_state_restores():
-  docs = random_docs(4, 40, 300)
-  expected = [next(make_batcher(docs)) for _ in range(1)]
-  batcher = make_batcher(docs)
-  batches = [next(batcher) for _ in range(30)]
-  assert expected[0]["tokens"].shape == batches[0]["tokens"].shape
-  batcher = make_batcher(docs)
-  for _ in range(12):
-    next(batcher)
-  fresh = make_batcher(docs)
-  fresh.set_state(batcher.get_state())
-  for want in batches[12:]:
-    got = next(fresh)
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
-
-
-def test_decomposition_rejects_bad_settings():
-  docs = random_docs(5, 10, 50)
-  with pytest.raises(ValueError, match="multiple of 2\\^max_log2"):
-    make_batcher(docs, tokens_per_batch=100)
-  with pytest.raises(ValueError, match="lower data.decomposition.max_log2"):
-    make_batcher(docs, max_log2=8, tokens_per_batch=256)

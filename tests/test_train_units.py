@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from lcjax.config import ConfigError
+from lcjax.data.packing import row_loss_weights
 from lcjax.models import build_model, llama_config
 from lcjax.train.loss import chunked_cross_entropy, cross_entropy_reference
 from lcjax.train.optim import make_optimizer, make_schedule, param_labels
@@ -95,6 +96,39 @@ def test_gradient_accumulation_equals_one_big_batch():
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p1, p4)
+
+
+def test_document_weighting_loss_is_the_mean_over_documents_with_grad_accum():
+  """LWM weighting in the train step (issue #14's example): row A holds one document with 7 loss
+  tokens, row B four with 1 each. The step's loss, with one batch or with grad_accum=2 splitting
+  the two rows, is the mean over the 5 documents of each one's mean NLL (each weighs 1/5)."""
+  seg = np.array([[1] * 7 + [0], [1, 2, 3, 4, 0, 0, 0, 0]], np.int32)
+  weights = np.stack([row_loss_weights(s, s > 0, "document") for s in seg])
+  doc = np.where(seg > 0, seg - 1 + np.array([[0], [1]]), -1)  # batch-wide document index
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(0, 256, size=(2, 9))
+  batch = dict(
+    tokens=jnp.asarray(tokens[:, :-1], jnp.int32),
+    targets=jnp.asarray(tokens[:, 1:], jnp.int32),
+    segment_ids=jnp.asarray(seg),
+    positions=jnp.asarray(np.tile(np.arange(8), (2, 1)), jnp.int32),
+    loss_weights=jnp.asarray(weights),
+  )
+  model = build_model(llama_config(dtype="float32"), rngs=nnx.Rngs(0))
+  logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -np.asarray(jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0])
+  per_document = np.mean([nll[doc == d].mean() for d in range(5)])
+  graphdef, _ = nnx.split(model, nnx.Param)
+  tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+  results = []
+  for accum in (1, 2):
+    step = make_train_step(graphdef, tx, schedule, grad_accum=accum, loss_chunk=8)
+    state, metrics = step(init_state(model, tx, seed=0), batch)
+    np.testing.assert_allclose(metrics["loss"], per_document, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss_tokens"], 5.0, rtol=1e-6)  # documents, not tokens
+    results.append(state["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *results)
 
 
 def test_freeze_by_regex_keeps_frozen_params_fixed():

@@ -20,8 +20,12 @@ Keys (defaults in parentheses):
   tokenizer option (`TOKENIZER_OPTIONS`: kind, pad_vocab_to, path, vocab_size, bos_token,
   eos_token, pad_token), unset but `kind`.
 - `seq_len` (int, 1024): row length; with decomposition, the longest piece allowed.
-- `position_scheme` (`"global"`): `global`, `per_document` or `anchor`.
-- `loss_weighting` (`"token"`): `token` or `document` (LWM: each document weighs equally).
+- `position_scheme` (`"global"`): `global`, `per_document` or `anchor` (AnchorAttention: every
+  row starts with one shared BOS anchor and documents have no BOS of their own; needs
+  `model.anchor=True`, checked by `lcjax.train.config.validate_config`, and cannot be combined
+  with `decomposition`, whose rows are slices of one document without an anchor).
+- `loss_weighting` (`"token"`): `token` or `document` (LWM: each document piece weighs 1 in the
+  batch's loss, whatever its length; `lcjax.data.packing.row_loss_weights`).
 - `mixture` (None): a list of `{"source": dict, "weight": float}` (optionally `"name"`); training
   then draws each row from one of these sources with those weights (ProLong) instead of `source`.
   From the command line, give it as a list literal:
@@ -60,7 +64,7 @@ import numpy as np
 from ml_collections.config_dict import placeholder
 
 from lcjax.config import ConfigError
-from lcjax.data.decomposition import CURRICULA
+from lcjax.data.decomposition import CURRICULA, LONG_SPLITS
 from lcjax.data.packing import LOSS_WEIGHTINGS, POSITION_SCHEMES
 from lcjax.data.sources import SOURCE_OPTIONS, check_source_options
 from lcjax.data.synthetic import SYNTHETIC_OPTIONS, check_synthetic_options
@@ -72,9 +76,18 @@ DECOMPOSITION_DEFAULTS = {
   "min_log2": None,  # None: max_log2 - 5 (six buckets, as in the paper), at least 0
   "max_log2": None,  # None: log2(seq_len); seq_len must then be a power of two
   "tokens_per_batch": None,  # None: batch_size * 2^max_log2
+  # The odds of each bucket (shortest first), weighted by the bucket's batches per cycle
+  # (lcjax.data.decomposition): "grow" with base 2 is the paper's Grow-P2, 32:16:8:4:2:1;
+  # "shrink", "uniform" (in proportion to the data) or a list of odds.
   "curriculum": "grow",
-  "curriculum_base": 2.0,
-  "curriculum_steps": 1000,
+  "curriculum_base": 2.0,  # the base of grow and shrink (unused with a list of odds)
+  "cycles_per_pass": 1,  # cycles of the curriculum per pass over the data (reference --epochs)
+  "long_split": "random",  # documents over 2^(max_log2+1): random (get_binary) or fixed pieces
+}
+
+# Keys of older configs, with what replaced them.
+_REMOVED_DECOMPOSITION_KEYS = {
+  "curriculum_steps": "the curriculum now runs in cycles over the data; set cycles_per_pass",
 }
 
 
@@ -162,6 +175,9 @@ def _check_decomposition(decomposition: Any, seq_len: int) -> dict | None:
     return None
   if not isinstance(decomposition, Mapping):
     raise ConfigError("data.decomposition must be None or a dict of DECOMPOSITION_DEFAULTS keys")
+  for key, hint in _REMOVED_DECOMPOSITION_KEYS.items():
+    if key in decomposition:
+      raise ConfigError(f"data.decomposition.{key} was removed: {hint}")
   unknown = sorted(set(decomposition) - set(DECOMPOSITION_DEFAULTS))
   if unknown:
     raise ConfigError(
@@ -195,19 +211,39 @@ def _check_decomposition(decomposition: Any, seq_len: int) -> dict | None:
       f"data.decomposition.tokens_per_batch={tokens!r} must be a positive multiple of "
       f"2^max_log2={1 << dd['max_log2']}"
     )
-  if dd["curriculum"] not in CURRICULA:
+  curriculum = dd["curriculum"]
+  num_buckets = dd["max_log2"] - dd["min_log2"] + 1
+  if isinstance(curriculum, list | tuple):
+    if len(curriculum) != num_buckets or not all(
+      _is_number(o) and math.isfinite(o) and o > 0 for o in curriculum
+    ):
+      raise ConfigError(
+        f"data.decomposition.curriculum={list(curriculum)!r} must hold {num_buckets} positive "
+        f"odds, one per bucket 2^{dd['min_log2']}..2^{dd['max_log2']} (shortest first)"
+      )
+    dd["curriculum"] = [float(o) for o in curriculum]
+  elif curriculum not in CURRICULA:
     raise ConfigError(
-      f"data.decomposition.curriculum={dd['curriculum']!r} is unknown; "
-      f"choose one of {', '.join(CURRICULA)}"
+      f"data.decomposition.curriculum={curriculum!r} is unknown; "
+      f"choose one of {', '.join(CURRICULA)} or give a list of {num_buckets} odds"
     )
   base = dd["curriculum_base"]
-  if isinstance(base, bool) or not isinstance(base, int | float) or not base > 0:
+  if not _is_number(base) or not math.isfinite(base) or not base > 0:
     raise ConfigError(f"data.decomposition.curriculum_base must be a number > 0, got {base!r}")
-  if not _is_int(dd["curriculum_steps"]) or dd["curriculum_steps"] < 1:
+  if not _is_int(dd["cycles_per_pass"]) or dd["cycles_per_pass"] < 1:
     raise ConfigError(
-      f"data.decomposition.curriculum_steps must be an int >= 1, got {dd['curriculum_steps']!r}"
+      f"data.decomposition.cycles_per_pass must be an int >= 1, got {dd['cycles_per_pass']!r}"
+    )
+  if dd["long_split"] not in LONG_SPLITS:
+    raise ConfigError(
+      f"data.decomposition.long_split={dd['long_split']!r} is unknown; "
+      f"choose one of {', '.join(LONG_SPLITS)}"
     )
   return dd
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def validate_data_config(data_config: Any) -> dict[str, Any]:
@@ -255,6 +291,14 @@ def validate_data_config(data_config: Any) -> dict[str, Any]:
   if config["mixture"] is not None and config["decomposition"] is not None:
     raise ConfigError(
       "data.mixture and data.decomposition cannot be combined; set one of them to None"
+    )
+  if config["position_scheme"] == "anchor" and config["decomposition"] is not None:
+    # A decomposed row is a slice of one document that starts with a content token, not with
+    # the shared BOS anchor; with one document per row the anchor mask would change nothing.
+    raise ConfigError(
+      "data.position_scheme='anchor' needs packed rows that start with the shared BOS anchor, "
+      "which data.decomposition does not build; set data.decomposition=None or use "
+      "position_scheme='global' (and model.anchor=False)"
     )
   config["synthetic"] = _check_synthetic(config)
   return config

@@ -8,6 +8,16 @@ split: its head ends the row and its tail starts the next row as a new segment, 
 longer than a row become several pieces, each its own segment. Padding (segment id 0) only
 appears at the end of the last row of a finite stream.
 
+With `position_scheme="anchor"` (AnchorAttention, Wang et al. 2024, "When Precision Meets
+Position: BFloat16 Breaks Down RoPE in Long-Context Training", arXiv:2411.13476) every row, a
+continuation row included, starts with one shared anchor, the `bos` token, and documents are
+framed as `tokens + [eos]` without their own `bos`, as the reference's FlexAttention path does
+(haonan3/AnchorContext `train.py` at 3af89f2: `process_tokenized_data` strips each document's
+leading BOS, line 146; `add_anchor_token_to_inputs`, lines 256-275, prepends one anchor per row
+and asserts there is no other). The anchor is key 0, which `MaskSpec(document=True,
+anchor=True)` (`model.anchor=True`) shows to every document; see `DocumentPacker` for its
+segment id, position, target and loss weight.
+
 Every row is a dict of `[T]` arrays (`ROW_KEYS`):
 
 - `tokens` int32: the inputs.
@@ -53,9 +63,11 @@ __all__ = [
 def make_positions_np(segment_ids: np.ndarray, scheme: str) -> np.ndarray:
   """Numpy twin of `lcjax.positional.positions.make_positions` for `[..., T]` segment ids.
 
-  `global` and `anchor` give 0..T-1 (AnchorAttention, Wang et al. 2024, arXiv:2411.13476, keeps
-  global positions; its anchor lives in the mask); `per_document` restarts at 0 wherever the
-  segment id changes (ProLong, Gao et al. 2024, arXiv:2410.02660), padding included.
+  `global` and `anchor` give 0..T-1: AnchorAttention (Wang et al. 2024, arXiv:2411.13476) keeps
+  global positions, the shared anchor at 0 and the documents after it at 1, 2, ... with no reset
+  (haonan3/AnchorContext `train.py`, FlexAttention path: `rotary_position_ids = torch.arange(...)`);
+  its anchor lives in the mask. `per_document` restarts at 0 wherever the segment id changes
+  (ProLong, Gao et al. 2024, arXiv:2410.02660), padding included.
   """
   if scheme not in POSITION_SCHEMES:
     raise ValueError(
@@ -77,14 +89,27 @@ def row_loss_weights(segment_ids_T: np.ndarray, loss_mask_T: np.ndarray, weighti
   """Returns `loss_weights_T` float32 for one row from its segments and 0/1 loss mask.
 
   - `token`: the mask itself; every predicted token weighs 1.
-  - `document`: the loss re-weighting of LWM's masked sequence packing (Liu et al. 2024, "World
-    Model on Million-Length Video and Language with Blockwise RingAttention", arXiv:2402.08268):
-    each document piece weighs equally, not each token. A piece `s` with `n_s` loss tokens gets
-    weight `N / (S * n_s)` on each of them, where `N` is the row's number of loss tokens and `S`
-    the number of pieces with at least one loss token. So every piece sums to `N / S`, the row sums
-    to `N` (as with `token`), and the mean weight over the row's loss tokens is exactly 1; a loss
-    `sum(w * nll) / sum(w)` is then the mean over pieces of each piece's mean loss. A document
-    split across rows counts as one piece per row.
+  - `document`: the loss weighting of LWM (Liu et al. 2024, "World Model on Million-Length Video
+    and Language with Blockwise RingAttention", arXiv:2402.08268): each example weighs equally,
+    not each token. Each loss token of document piece `s` weighs `1 / n_s`, where `n_s` is the
+    piece's number of loss tokens, so every piece sums to 1 and the row to its number of pieces.
+    The train step divides `sum(w * nll)` by `sum(w)` over the whole global batch (all rows, all
+    micro-batches of `train.grad_accum`, all data-parallel shards: `lcjax.train.step`), which is
+    then the mean over the batch's pieces of each piece's mean loss. That is LWM's loss,
+    `cross_entropy_loss_and_accuracy` (haoliuhl/tux `tux/loss.py` at 61c11e1, lines 29-46,
+    called by LargeWorldModel/LWM `lwm/train.py` at f45d2b7, line 177):
+    `-mean(sum(log p where valid) / sum(valid))`, the mean over each example's valid tokens,
+    then the mean over the batch's examples.
+
+  An example there is one row of the batch. LWM's padded loader puts one document in a row and
+  cuts it to `seq_length + 1` tokens, dropping the rest (LWM `lwm/data.py`, `_iter_pad`, and
+  `JsonDataset.__iter__` with `pad`), so an example never spans rows; its unpadded loader chunks
+  a token stream without document boundaries and weighs rows, not documents. Here a document
+  longer than a row is kept, as several pieces, and each piece is one example weighing 1 like a
+  short document. So a piece's weight does not depend on the row or batch it lands in: a 7-token
+  document in one row and four 1-token documents in another weigh 1/5 each in their batch. The
+  `sum(w)` that the train step reports as `loss_tokens` is then the number of pieces with a loss
+  token, not a number of tokens.
   """
   if weighting not in LOSS_WEIGHTINGS:
     raise ValueError(
@@ -95,20 +120,15 @@ def row_loss_weights(segment_ids_T: np.ndarray, loss_mask_T: np.ndarray, weighti
     return mask_T
   segment_ids_T = np.asarray(segment_ids_T)
   counts = np.bincount(segment_ids_T, weights=mask_T)
-  num_loss_tokens = counts.sum()
-  num_pieces = np.count_nonzero(counts)
-  if num_pieces == 0:
-    return mask_T
-  per_token = np.divide(
-    num_loss_tokens / num_pieces, counts, out=np.zeros_like(counts), where=counts > 0
-  )
+  per_token = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
   return (mask_T * per_token[segment_ids_T]).astype(np.float32)
 
 
-def frame_document(tokens: np.ndarray, bos_id: int, eos_id: int) -> np.ndarray:
-  """Returns `[bos] + tokens + [eos]` as int32."""
+def frame_document(tokens: np.ndarray, bos_id: int | None, eos_id: int) -> np.ndarray:
+  """Returns `[bos] + tokens + [eos]` as int32; `tokens + [eos]` when `bos_id` is None."""
   tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
-  return np.concatenate([[bos_id], tokens, [eos_id]]).astype(np.int32)
+  head = [] if bos_id is None else [bos_id]
+  return np.concatenate([head, tokens, [eos_id]]).astype(np.int32)
 
 
 class DocumentPacker:
@@ -129,7 +149,34 @@ class DocumentPacker:
 
   The state (`get_state`) is the stream cursor, the number of tokens of the current document
   already emitted, and the counters (`COUNTER_KEYS`): `documents` (documents started),
-  `skipped_empty`, `skipped_undecodable`, `tokens` (non-padding tokens emitted) and `rows`.
+  `skipped_empty`, `skipped_undecodable`, `tokens` (non-padding tokens emitted, anchors
+  included) and `rows`.
+
+  With `position_scheme="anchor"`, index 0 of every row is the shared anchor, `bos_id` (for a
+  tokenizer without a BOS token `lcjax.data.tokenizers` sets `bos_id` to its EOS, as the
+  reference picks its anchor: `anchor_token = tokenizer.bos_token_id if ... else
+  tokenizer.eos_token_id`, AnchorContext `train.py` line 466). The documents follow from index
+  1, framed as `tokens + [eos]`, and the anchor has
+
+  - position 0, and the documents global positions 1, 2, ... (`make_positions_np`);
+  - segment id 1, the id of the row's first piece. The mask does not read it: lcjax's anchor is
+    key index 0 (`MaskSpec.anchor`), which every query sees, and its query sees only itself.
+    The reference gives the anchor document id 0 because its mask finds the anchor by id
+    (`generate_doc_mask_mod`, line 389: `document_id[kv_idx] == 0`); here 0 means padding.
+    Sharing the first piece's id puts the anchor's one prediction in that piece for `document`
+    weighting;
+  - target: the row's first content token, as in the reference, whose labels are the inputs
+    shifted by one (`target_ids = ...[..., 1:]`, line 576) with every position in the loss, so
+    the anchor predicts it. The anchor itself is never a target;
+  - loss weight 1 when that token starts a document (the anchor is the document's BOS), 0 when
+    it continues one from the previous row, whose last position already predicted it with the
+    document's context. The reference predicts such a token only from the anchor because its rows
+    end with a token that is a target but no input; here each token is still predicted once.
+
+  Deviation: the first token of the second and later documents of a row is not a loss target.
+  The reference (no `eos`, no target masking) trains the previous document's last token to
+  predict it across the document boundary; lcjax masks every cross-document target, in every
+  scheme.
   """
 
   def __init__(
@@ -162,6 +209,8 @@ class DocumentPacker:
     self._seq_len = seq_len
     self._bos_id, self._eos_id, self._pad_id = bos_id, eos_id, pad_id
     self._position_scheme = position_scheme
+    # AnchorAttention: one shared BOS anchor per row, so documents carry none of their own.
+    self._anchor = position_scheme == "anchor"
     self._loss_weighting = loss_weighting
     self._skip_errors = tuple(skip_errors)
     self._epoch_size = epoch_size
@@ -202,7 +251,8 @@ class DocumentPacker:
       if tokens is not None:
         if self._offset == 0:
           self._counters["documents"] += 1
-        self._current = frame_document(tokens, self._bos_id, self._eos_id)
+        bos_id = None if self._anchor else self._bos_id
+        self._current = frame_document(tokens, bos_id, self._eos_id)
         return self._current
       self._cursor += 1
       self._offset = 0
@@ -225,6 +275,15 @@ class DocumentPacker:
     loss_mask_T = np.zeros(length, dtype=np.float32)
     filled = 0
     segment = 0
+    if self._anchor:
+      if self._load_current() is None:
+        raise StopIteration
+      # Slot 0 is the shared anchor (class docstring). Its target, the row's first content
+      # token, is set after the loop; it counts only when that token starts a document.
+      anchor_weight = 1.0 if self._offset == 0 else 0.0
+      tokens_T[0] = self._bos_id
+      segment_ids_T[0] = 1
+      filled = 1
     while filled < length:
       doc = self._load_current()
       if doc is None:
@@ -249,6 +308,9 @@ class DocumentPacker:
         self._offset = stop
     if filled == 0:
       raise StopIteration
+    if self._anchor:
+      targets_T[0] = tokens_T[1]
+      loss_mask_T[0] = anchor_weight
     self._counters["tokens"] += filled
     self._counters["rows"] += 1
     return {

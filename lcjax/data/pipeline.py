@@ -39,7 +39,7 @@ from absl import flags
 
 from lcjax.config import ConfigError
 from lcjax.data.config import _is_int, validate_data_config
-from lcjax.data.decomposition import DecomposedBatcher
+from lcjax.data.decomposition import DecomposedBatcher, min_over_processes
 from lcjax.data.mixture import MixedStream
 from lcjax.data.packing import COUNTER_KEYS, DocumentPacker, frame_document
 from lcjax.data.sources import build_source as default_build_source
@@ -238,14 +238,22 @@ def make_train_iterator(
         tokens_per_batch=tokens_per_batch,
         curriculum=dd["curriculum"],
         curriculum_base=dd["curriculum_base"],
-        curriculum_steps=dd["curriculum_steps"],
+        cycles_per_pass=dd["cycles_per_pass"],
+        long_split=dd["long_split"],
         seed=seed,
         shuffle=config["shuffle"],
         position_scheme=config["position_scheme"],
         loss_weighting=config["loss_weighting"],
         skip_errors=_UNDECODABLE,
+        # Every process draws the same bucket per step, so all schedule with the same sizes.
+        agree_sizes=min_over_processes if process_count > 1 else None,
       )
 
+    if process_count > 1 and config["num_workers"] > 0:
+      raise ConfigError(
+        "data.decomposition agrees bucket sizes across processes when indexing, which grain "
+        "worker processes cannot do; set data.num_workers=0"
+      )
     dataset = _StreamDataset(documents, make_stream)
   else:
 

@@ -10,12 +10,18 @@ attend to which is a separate question, answered by the attention mask (`MaskSpe
   document through flash-attn varlen). Padding with its own segment id counts as a document.
 - `anchor`: AnchorAttention (Wang et al. 2024, "When Precision Meets Position: BFloat16 Breaks
   Down RoPE in Long-Context Training", arXiv:2411.13476; haonan3/AnchorContext `train.py`). The
-  row's first token is a shared anchor at position 0, visible to every document, and all other
-  tokens keep their global positions, so the positions equal `global`. What makes it AnchorAttention
-  is the mask: `MaskSpec(document=True, anchor=True)` lets each token see its own document plus the
-  anchor (key 0), while the positions are not reset per document. The reference's flash path,
-  which forces each document's BOS to position 0, gives the same logits because every such BOS
-  sees only itself.
+  packer (`lcjax.data.packing.DocumentPacker`) starts every row with one shared anchor, the BOS
+  token, at index and position 0, and frames the documents after it without their own BOS
+  (`add_anchor_token_to_inputs`). All tokens keep their global positions, so the positions equal
+  `global`: the reference's FlexAttention path uses `rotary_position_ids = torch.arange(...)`
+  (`train.py` at 3af89f2, line 588).
+  What makes it AnchorAttention is the mask: `MaskSpec(document=True, anchor=True)`
+  (`model.anchor=True`, which `lcjax.train.config.validate_config` requires with this scheme)
+  lets each token see its own document plus the anchor (key 0), the reference's
+  `generate_doc_mask_mod` (lines 386-398). The reference's FlashAttention path instead keeps
+  each document's BOS and moves it to position 0. That attends the same way (a BOS at position 0
+  that sees only itself has the shared anchor's keys and values), but each BOS takes a slot of
+  the row, so later documents sit one position further per document before them.
 """
 
 import jax

@@ -136,6 +136,7 @@ def validate_config(
   )
   _validate_eval_tasks(config.eval, model_cfg)
   validate_data_config(config.data)
+  _validate_anchor(config, model_cfg)
   t = config.train
   for name in ("steps", "batch_size", "grad_accum", "loss_chunk", "log_every"):
     require(t[name] >= 1, f"train.{name}={t[name]} must be a positive integer")
@@ -195,6 +196,36 @@ def _check_compiler_limits(model_cfg, sizes: dict, platform: str) -> None:
     f"mesh.data*mesh.fsdp={sizes['data'] * sizes['fsdp']} aborts the TPU compiler (libtpu "
     "0.0.42 layout-assignment check); use model.remat=full, or one row per context group "
     "(mesh.data=mesh.fsdp=1), or model.scan_layers=False",
+  )
+
+
+def _validate_anchor(config, model_cfg) -> None:
+  """AnchorAttention is data and mask together: `data.position_scheme="anchor"` and `model.anchor`.
+
+  The packer starts each row with the shared BOS anchor only under the scheme, and only the
+  model's mask (`MaskSpec(anchor=True)`) shows key 0 to every document (Wang et al. 2024,
+  arXiv:2411.13476; haonan3/AnchorContext `train.py`: `add_anchor_token_to_inputs` with
+  `generate_doc_mask_mod`). One without the other trains something else: documents blind to
+  their only BOS, or a content token shared by every document.
+  """
+  field = "model.anchor" if config.init_from is None else "model_overrides.anchor"
+  scheme = config.data.get("position_scheme", "global")
+  anchor = bool(model_cfg.get("anchor", False))
+  if scheme == "anchor" and not anchor:
+    require(
+      "anchor" in model_cfg,
+      f"data.position_scheme='anchor' needs model.anchor=True, but model.family="
+      f"{model_cfg.get('family')!r} has no attention mask with an anchor; choose another "
+      "data.position_scheme",
+    )
+    raise ConfigError(
+      f"data.position_scheme='anchor' needs {field}=True (the mask that shows the row's BOS "
+      f"anchor to every document); set {field}=True or choose another data.position_scheme"
+    )
+  require(
+    scheme == "anchor" or not anchor,
+    f"{field}=True needs data.position_scheme='anchor' (rows that start with the shared BOS "
+    f"anchor), got {scheme!r}; set data.position_scheme='anchor' or {field}=False",
   )
 
 
