@@ -26,8 +26,18 @@ offload), the MLP in 8K-token chunks per context shard (model.mlp_chunk), parame
 sharded over fsdp x context (the logical rules), the Pallas attention kernels (impl=auto
 resolved for the TPU target) and 1K-position loss chunks.
 Arguments: seq_len (default 131072; 1048576 with 1m8), context (mesh.context, default
-8), fsdp (default 8), rope_theta (default 8e6: ABF base for 128K, Xiong et al. 2023),
-init_from (a Hugging Face folder), runlocal, 1m8.
+8), fsdp (default 8), rope_theta (default 8e6), init_from (a Hugging Face folder),
+runlocal, 1m8.
+
+RoPE: ABF (Xiong et al. 2023, "Effective Long-Context Scaling of Foundation Models",
+arXiv:2309.16039) is the method, raising the base (Llama 2 Long: 10,000 -> 500,000);
+the value 8e6 is ProLong's (Gao et al. 2024, arXiv:2410.02660; princeton-nlp/ProLong
+`train_64K.sh`, `--config_overrides "rope_theta=8000000"`, for its 64K stage from
+Llama-3-8B-Instruct; its 512K stage, `train_512K.sh`, uses 128000000). Positions restart per
+document (`data.position_scheme="per_document"`, as Megatron-LM's `--reset-position-ids`);
+ProLong itself keeps global positions with the document mask (`position_scheme="global"`;
+the mask stays on): the same logits in exact arithmetic for this RoPE (it is relative and
+the mask keeps documents apart), not in bfloat16.
 """
 
 from lcjax.config import parse_arg

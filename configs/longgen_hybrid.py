@@ -4,13 +4,13 @@
   python scripts/train.py --config configs/longgen_hybrid.py:tiny --workdir /tmp/lg   # ~1 min
   python scripts/train.py --config configs/longgen_hybrid.py:tiny,sparse=strided --workdir /tmp/lgs
 
-LongGen (Ge et al. 2024, "A Little Goes a Long Way: Efficient Long Context Training and
-Inference with Partial Contexts") trains long-context models whose bottom and top
-layers see only a partial context: attention sinks (the first tokens of the row) plus
-a local window, kept block-sparse so those layers cost O(T · window) instead of O(T²);
-only the middle third of the layers attend to everything, which the paper finds is
-enough for long-range retrieval. Here: `longgen_layer_types` places the full layers,
-`model.sparse_window` / `model.sparse_sinks` size the sparse ones
+LongGen (Ge et al. 2024, "A Little Goes a Long Way: Efficient Long Context Training
+and Inference with Partial Contexts", arXiv:2410.01485) trains long-context models whose
+bottom and top layers see only a partial context: attention sinks (the first tokens of
+the row) plus a local window, kept block-sparse so those layers cost O(T · window)
+instead of O(T²); only the middle third of the layers attend to everything, which the
+paper finds is enough for long-range retrieval. Here: `longgen_layer_types` places the
+full layers, `model.sparse_window` / `model.sparse_sinks` size the sparse ones
 (`MaskSpec(window=..., sinks=...)`), and `attention.impl=auto` runs the block-sparse
 Pallas kernels on TPU/GPU (the pure-JAX blockwise twin on CPU), which visit only the
 sink column and the window band of the sparse layers.
@@ -21,6 +21,18 @@ Heads"): sparse blocks of `model.sparse_block` tokens, the `model.sparse_local_b
 most recent ones plus every `model.sparse_stride`-th one, at a phase that differs per
 kv head so the heads together see more of the context (`MaskSpec(stride=...)`), plus
 the sinks.
+
+Sizes: these are CPU-scale choices, not the paper's. The paper extends Llama-2 7B and
+70B from 4K to 128K tokens; its exact sink count, window and S2 block/stride are not
+verified here (no official LongGen code was found in the sources searched, and
+notes/algorithms.md §4 leaves them open), so this config does not claim them.
+`sparse_window=seq_len // 4` (128 of 512 tokens; 64 of 256 with `tiny`) keeps the sparse
+layers sparse at these lengths, where a paper-scale window of thousands of tokens would
+cover the whole row and make them full layers (tests/test_model.py: a window covering the
+row equals the dense model). 16 sinks (8 with `tiny`) are a few first tokens, as
+StreamingLLM keeps 4 (Xiao et al. 2023, arXiv:2309.17453). A sink-window layer needs
+`sparse_sinks >= 1`: with 0 it would be a plain sliding window, which validation rejects
+(tests/test_config.py::test_sink_window_layers_without_sinks_are_rejected).
 
 Packed rows with document masking: sinks are the first tokens of the *row*, so with
 several documents per row only the first document's queries see them (a per-document

@@ -179,7 +179,8 @@ def _untuned_rope(kind: str, s: float, theta: float, t0: int, head_dim: int) -> 
       truncate_wavelength=giraffe_truncate_wavelength(s, t0),
     )
   if kind == "eabf":
-    return dict(rope_type="eabf", rope_theta=theta * s ** (head_dim / (head_dim - 2)), **orig)
+    theta_s = theta * s ** (head_dim / (head_dim - 2))
+    return dict(rope_type="eabf", rope_theta=theta_s, eabf_unscaled_layers=0, **orig)
   raise ValueError(f"unknown untuned method {kind!r}")
 
 
@@ -190,7 +191,9 @@ def _tuned_rope(kind: str, theta: float, t0: int) -> dict:
     "pi4": dict(rope_type="linear", rope_theta=theta, factor=4.0),
     "yarn4": dict(rope_type="yarn", rope_theta=theta, factor=4.0, **orig),
     "abf": dict(rope_type="abf", rope_theta=theta * 50),
-    "eabf": dict(rope_type="eabf", rope_theta=theta * 50, **orig),
+    # Every layer scaled (eabf_unscaled_layers=0, what the released patch may do), as the
+    # README's table was measured; the paper's default leaves layers 0 and 1 unscaled.
+    "eabf": dict(rope_type="eabf", rope_theta=theta * 50, eabf_unscaled_layers=0, **orig),
   }[kind]
 
 

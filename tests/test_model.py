@@ -79,6 +79,16 @@ def test_packed_documents_equal_separate_documents(impl):
       ),
       max_position_embeddings=32,
     ),
+    # eabf decodes layer by layer with its per-layer query scale (layer 2 of 3 scales).
+    dict(
+      num_layers=3,
+      rope=dict(
+        rope_type="eabf",
+        rope_theta=1e4,
+        original_max_position_embeddings=4,
+        max_position_embeddings=2048,
+      ),
+    ),
   ],
 )
 def test_greedy_generate_equals_full_forward_argmax(overrides):
@@ -226,6 +236,49 @@ def _manual_logits(model, tokens_BT, masks):
     x_BTD = x_BTD + attn_BTD
     x_BTD = x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
   return model.logits(model.norm(x_BTD))
+
+
+# Entropy-aware ABF (Zhang et al. 2024): the query scale max(1, ln(pos+1)/ln L_train) skips
+# the first `rope.eabf_unscaled_layers` layers (default 2, the paper's). L_train = 4 and 24
+# tokens make the scale reach ln(24)/ln(4) = 2.3, so a scaled layer shows in the logits.
+_ABF = dict(rope_type="abf", rope_theta=5e5, max_position_embeddings=2048)
+_EABF = {**_ABF, "rope_type": "eabf", "original_max_position_embeddings": 4}
+
+
+def _rope_logits(rope, **overrides):
+  model, _ = _model(rope=rope, initializer_range=0.1, **overrides)
+  tokens = np.random.default_rng(6).integers(0, 384, size=(2, 24))
+  return np.asarray(_logits(model, tokens)), model
+
+
+@pytest.mark.parametrize("scan_layers", [None, False])  # None: scanned (a uniform stack)
+def test_eabf_with_two_layers_equals_abf_unless_every_layer_is_scaled(scan_layers):
+  """With the paper's 2 unscaled layers a 2-layer model is ABF with the same theta, bit for
+  bit; with `eabf_unscaled_layers=0` (every layer scaled) its logits differ."""
+  abf, _ = _rope_logits(_ABF, scan_layers=scan_layers)
+  paper, model = _rope_logits(_EABF, scan_layers=scan_layers)
+  assert model.q_scale_layers == (False, False)
+  np.testing.assert_array_equal(paper, abf)
+  every, model = _rope_logits({**_EABF, "eabf_unscaled_layers": 0}, scan_layers=scan_layers)
+  assert model.q_scale_layers == (True, True)
+  assert np.max(np.abs(every - abf)) > 1e-2
+
+
+def test_eabf_scales_only_the_later_layers_in_the_scanned_and_the_unrolled_stack():
+  """3 layers, the paper's default: only layer 2 scales its query. The scan gets that flag as
+  data (one body for every layer) and must agree with the unrolled loop, which drops the
+  scale in Python; both differ from ABF and from scaling every layer."""
+  scanned, model = _rope_logits(_EABF, num_layers=3)
+  unrolled, unrolled_model = _rope_logits(_EABF, num_layers=3, scan_layers=False)
+  assert model.scan_layers and not unrolled_model.scan_layers
+  assert model.q_scale_layers == (False, False, True)
+  np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-6)
+  abf, _ = _rope_logits(_ABF, num_layers=3)
+  every, _ = _rope_logits({**_EABF, "eabf_unscaled_layers": 0}, num_layers=3)
+  assert np.max(np.abs(scanned - abf)) > 1e-2
+  assert np.max(np.abs(scanned - every)) > 1e-2
+  with pytest.raises(ConfigError, match=r"model\.rope: .*'eabf_unscaled_layers'\] must be"):
+    _model(rope={**_EABF, "eabf_unscaled_layers": -1})
 
 
 # LongGen's two sparse layers, as model fields and as the MaskSpec they must produce.

@@ -46,6 +46,40 @@ def test_eabf_query_scale_and_base():
     assert rope.query_scale(other, positions_BT) is None
 
 
+def test_eabf_theta_defaults_to_the_reference_base():
+  """GAIR-NLP/Entropy-ABF builds eabf's rotary embedding with base 500000: lcjax uses it when
+  neither the dict nor the HF config sets rope_theta (HF's 10000 would drop the ABF half); an
+  explicit base still wins, and the HF types keep HF's default."""
+  params = {"rope_type": "eabf", "original_max_position_embeddings": 4096}
+  inv_freq, _ = rope.compute_inv_freq(params, 128)
+  np.testing.assert_allclose(np.asarray(inv_freq, np.float64), _theta(5e5, 128), rtol=1e-6)
+  assert rope.standardize_rope_parameters({"rope_parameters": params})["rope_theta"] == 5e5
+  explicit = rope.standardize_rope_parameters({"rope_parameters": params, "rope_theta": 1e6})
+  assert explicit["rope_theta"] == 1e6
+  plain = rope.standardize_rope_parameters({"rope_parameters": {"rope_type": "default"}})
+  assert plain["rope_theta"] == rope.DEFAULT_ROPE_THETA
+
+
+def test_eabf_unscaled_layers_flags_and_validation():
+  """`eabf_unscaled_layers` (default 2, the paper's) picks the layers that apply the query
+  scale; 0 scales every layer (what the released code may do). It belongs to eabf only."""
+  base = {"rope_type": "eabf", "rope_theta": 5e5, "original_max_position_embeddings": 4096}
+  assert rope.query_scale_layers(base, 4) == (False, False, True, True)
+  assert rope.query_scale_layers({**base, "eabf_unscaled_layers": 0}, 4) == (True,) * 4
+  assert rope.query_scale_layers({**base, "eabf_unscaled_layers": 5}, 4) == (False,) * 4
+  assert rope.query_scale_layers({"rope_type": "abf", "rope_theta": 5e5}, 4) is None
+  # It round-trips through config.json's rope_parameters like any other key of the type.
+  fields = rope.to_hf_rope_fields({**base, "eabf_unscaled_layers": 0})
+  assert rope.standardize_rope_parameters(fields)["eabf_unscaled_layers"] == 0
+  for bad in (-1, 1.5, True, "2"):
+    with pytest.raises(ValueError, match=r"'eabf_unscaled_layers'\] must be an integer >= 0"):
+      rope.validate_rope_parameters({**base, "eabf_unscaled_layers": bad})
+  with pytest.raises(ValueError, match=r"applies only to rope_type 'eabf', not 'abf'"):
+    rope.validate_rope_parameters(
+      {"rope_type": "abf", "rope_theta": 5e5, "eabf_unscaled_layers": 2}
+    )
+
+
 def test_abf_equals_default_with_its_theta():
   abf, _ = rope.compute_inv_freq({"rope_type": "abf", "rope_theta": 5e5}, 128)
   np.testing.assert_allclose(np.asarray(abf, np.float64), _theta(5e5, 128), rtol=1e-6)

@@ -3,9 +3,9 @@
 A mask is a predicate on pairs (query, key). It reads *mask positions*, the index of
 each token in its packed row (default `arange`), and optional segment ids (one id per
 packed document). Mask positions are not RoPE positions: RoPE positions may restart
-per document (ProLong) while mask positions do not. A context-parallel layout
-(zigzag, striped) permutes the tokens of a row and passes each token's global index,
-so nothing here assumes positions are sorted.
+per document (`data.position_scheme="per_document"`) while mask positions do not. A
+context-parallel layout (zigzag, striped) permutes the tokens of a row and passes each
+token's global index, so nothing here assumes positions are sorted.
 
 The same predicate has two forms:
 

@@ -67,7 +67,7 @@ def make_positions_np(segment_ids: np.ndarray, scheme: str) -> np.ndarray:
   global positions, the shared anchor at 0 and the documents after it at 1, 2, ... with no reset
   (haonan3/AnchorContext `train.py`, FlexAttention path: `rotary_position_ids = torch.arange(...)`);
   its anchor lives in the mask. `per_document` restarts at 0 wherever the segment id changes
-  (ProLong, Gao et al. 2024, arXiv:2410.02660), padding included.
+  (Megatron-LM's `--reset-position-ids`; ProLong keeps global positions), padding included.
   """
   if scheme not in POSITION_SCHEMES:
     raise ValueError(

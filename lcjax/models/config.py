@@ -54,7 +54,10 @@ def llama_config(**overrides: Any) -> ml_collections.ConfigDict:
   """A tiny Llama config; every field can be overridden by keyword.
 
   `rope` holds standardized Hugging Face `rope_parameters` (see
-  `lcjax.positional.rope.standardize_rope_parameters`).
+  `lcjax.positional.rope.standardize_rope_parameters`). Settings that belong to one RoPE type
+  live in that dict, not here, so they travel with it when a run swaps RoPEs: e.g.
+  `rope=dict(rope_type="eabf", original_max_position_embeddings=4096, eabf_unscaled_layers=2)`,
+  the leading layers that entropy-aware ABF leaves unscaled (`lcjax.positional.rope_variants`).
   """
   cfg = ml_collections.ConfigDict(
     dict(

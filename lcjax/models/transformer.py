@@ -10,7 +10,8 @@ forward pass matches Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` /
 
 Attention masks come from the batch: `segment_ids` (packed documents) and the
 token's index in the row. RoPE uses `positions`, which may restart per document
-(ProLong) or stay global (AnchorAttention); masking never reads them.
+(Megatron-LM's `--reset-position-ids`) or stay global (ProLong, AnchorAttention);
+masking never reads them.
 """
 
 from __future__ import annotations
@@ -50,17 +51,42 @@ from lcjax.parallel.mesh import (
   mesh_axis_size,
 )
 from lcjax.parallel.ring import ring_attention
-from lcjax.positional.rope import apply_rope, compute_inv_freq, query_scale, rope_cos_sin
+from lcjax.positional.rope import (
+  apply_rope,
+  compute_inv_freq,
+  query_scale,
+  query_scale_layers,
+  rope_cos_sin,
+)
 
 __all__ = ["DecoderLM", "KVCache", "RopeTables"]
 
 
 class RopeTables(NamedTuple):
-  """Per-call RoPE inputs shared by every layer (computed once, in float32)."""
+  """Per-call RoPE inputs shared by every layer (computed once, in float32).
+
+  `q_scale_BT` is the entropy-aware ABF query scale, else None; a layer that does not apply
+  it gets these tables through `layer_rope` (without it, or with a scale of 1 in a scan).
+  """
 
   cos_BTK: jax.Array
   sin_BTK: jax.Array
-  q_scale_BT: jax.Array | None  # entropy-aware ABF query scale, else None
+  q_scale_BT: jax.Array | None
+
+
+def layer_rope(rope: RopeTables, scaled: bool | jax.Array | None) -> RopeTables:
+  """The RoPE inputs of one layer: `rope` without the query scale where `scaled` is False.
+
+  `scaled` is a Python bool in the unrolled loop (the scale is dropped) or a traced per-layer
+  bool inside the scan over layers, where the layer index is data and the same body must serve
+  every layer: there the scale becomes 1, and `q * 1.0` is `q` bit for bit, so both paths give
+  the same logits. None means every layer scales (or there is no scale).
+  """
+  if rope.q_scale_BT is None or scaled is None or scaled is True:
+    return rope
+  if scaled is False:
+    return rope._replace(q_scale_BT=None)
+  return rope._replace(q_scale_BT=jnp.where(scaled, rope.q_scale_BT, jnp.float32(1.0)))
 
 
 class KVCache(NamedTuple):
@@ -357,6 +383,9 @@ class DecoderLM(nnx.Module):
     )
     self.embed_tokens = token_embedding(cfg, dtype=self.dtype, rngs=rngs)
     self.layer_kinds = layer_types(cfg)
+    # Which layers multiply q by the RoPE type's query scale (eabf: all but the first
+    # `rope.eabf_unscaled_layers`); None when the type has none. Static, like the rope dict.
+    self.q_scale_layers = query_scale_layers(self.rope_parameters, len(self.layer_kinds))
     blocks = [DecoderBlock(cfg, kind, dtype=self.dtype, rngs=rngs) for kind in self.layer_kinds]
     self.scan_layers = scan_layers_enabled(cfg)
     if self.scan_layers:
@@ -375,13 +404,23 @@ class DecoderLM(nnx.Module):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in self.rope_items}
 
   def rope_tables(self, positions_BT: jax.Array) -> RopeTables:
-    """cos/sin (float32 angles) and the optional query scale for these positions."""
+    """cos/sin (float32 angles) and the optional query scale for these positions.
+
+    The query scale is left out when no layer applies it; each layer takes its own view
+    through `layer_rope` with its flag in `q_scale_layers`.
+    """
     seq_len = jnp.max(positions_BT) + 1  # dynamic NTK / LongRoPE pick frequencies from it
     inv_freq_K, attention_factor = compute_inv_freq(
       self.rope_parameters, self.head_dim, seq_len=seq_len
     )
     cos_BTK, sin_BTK = rope_cos_sin(inv_freq_K, attention_factor, positions_BT)
-    return RopeTables(cos_BTK, sin_BTK, query_scale(self.rope_parameters, positions_BT))
+    scaled = self.q_scale_layers is not None and any(self.q_scale_layers)
+    q_scale_BT = query_scale(self.rope_parameters, positions_BT) if scaled else None
+    return RopeTables(cos_BTK, sin_BTK, q_scale_BT)
+
+  def _layer_scaled(self, i: int) -> bool | None:
+    """Layer `i`'s flag in `q_scale_layers` (None: no query scale anywhere)."""
+    return None if self.q_scale_layers is None else self.q_scale_layers[i]
 
   def hidden_states(
     self,
@@ -424,15 +463,16 @@ class DecoderLM(nnx.Module):
       if self.scan_layers:
         return self.norm(self._scan(x_BTD, rope, segment_ids, layer_index_BT)), None
       run_layer = _remat_layer(self.remat)
-      for layer in self.layers:
-        x_BTD = run_layer(layer, x_BTD, rope, self.anchor, segment_ids, layer_index_BT)
+      for i, layer in enumerate(self.layers):
+        rope_i = layer_rope(rope, self._layer_scaled(i))
+        x_BTD = run_layer(layer, x_BTD, rope_i, self.anchor, segment_ids, layer_index_BT)
       return self.norm(x_BTD), None
     new_caches = []
     for i, cache in enumerate(caches):
       layer = self.layer(i)
       x_BTD, cache = layer(
         x_BTD,
-        rope,
+        layer_rope(rope, self._layer_scaled(i)),
         anchor=self.anchor,
         segment_ids_BT=None if segment_ids is None else segment_ids,
         q_index_BT=q_index_BT,
@@ -450,18 +490,26 @@ class DecoderLM(nnx.Module):
     than closed-over values: closed over, XLA hoists ring attention's mask work out of
     the loop and materializes every layer's block masks at once (28 GiB at 1M tokens in
     issue #15's prototype).
+
+    A query scale that only some layers apply (entropy-aware ABF leaves the first
+    `rope.eabf_unscaled_layers` unscaled) differs per layer, so it cannot be Python control
+    flow in the one body: the per-layer flags enter as a scan input `scaled_L` and
+    `layer_rope` selects the scale or 1 from them.
     """
     graphdef, stacked = nnx.split(self.layers)
     L = len(self.layer_kinds)
     per_layer = lambda a_BT: None if a_BT is None else jnp.broadcast_to(a_BT, (L, *a_BT.shape))  # noqa: E731
     anchor = self.anchor
+    flags = self.q_scale_layers
+    # All-or-none flags need no per-layer input: rope_tables already kept or dropped the scale.
+    scaled_L = None if flags is None or len(set(flags)) == 1 else jnp.asarray(flags)
 
     def body(x_BTD, xs):
-      layer_state, seg_BT, index_BT = xs
+      layer_state, seg_BT, index_BT, scaled = xs
       layer = nnx.merge(graphdef, layer_state)
-      return _run_layer(layer, x_BTD, rope, anchor, seg_BT, index_BT), None
+      return _run_layer(layer, x_BTD, layer_rope(rope, scaled), anchor, seg_BT, index_BT), None
 
-    xs = (stacked, per_layer(segment_ids_BT), per_layer(index_BT))
+    xs = (stacked, per_layer(segment_ids_BT), per_layer(index_BT), scaled_L)
     x_BTD, _ = jax.lax.scan(remat(body, self.remat), x_BTD, xs)
     return x_BTD
 

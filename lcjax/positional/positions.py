@@ -5,9 +5,15 @@ segment id changes). The scheme decides which RoPE position each token gets; whi
 attend to which is a separate question, answered by the attention mask (`MaskSpec`):
 
 - `global`: positions 0..T-1 across the whole row, regardless of documents (plain packing).
-- `per_document`: positions restart at 0 at each document start (ProLong, Gao et al. 2024, "How
-  to Train Long-Context Language Models (Effectively)", arXiv:2410.02660, which resets RoPE per
-  document through flash-attn varlen). Padding with its own segment id counts as a document.
+- `per_document`: positions restart at 0 at each document start, as Megatron-LM's
+  `--reset-position-ids` (`megatron/core/datasets/gpt_dataset.py::_get_ltor_masks_and_position_ids`)
+  and transformers' `DataCollatorWithFlattening` do. Padding with its own segment id counts as a
+  document. ProLong (Gao et al. 2024, arXiv:2410.02660) does not reset: princeton-nlp/ProLong
+  `training/modeling_flash_llama.py` rotates the whole packed row and `trainer.py` passes
+  `position_ids=start_index`, i.e. `global` plus the document mask. The two give equal logits
+  only in exact arithmetic and only for purely relative RoPE: not in bf16, not for
+  `dynamic`/`longrope` (they read `max(positions)+1`), and not for `eabf` (its query scale reads
+  the absolute position).
 - `anchor`: AnchorAttention (Wang et al. 2024, "When Precision Meets Position: BFloat16 Breaks
   Down RoPE in Long-Context Training", arXiv:2411.13476; haonan3/AnchorContext `train.py`). The
   packer (`lcjax.data.packing.DocumentPacker`) starts every row with one shared anchor, the BOS

@@ -14,7 +14,7 @@ Typical use inside an attention layer:
   cos_BTK, sin_BTK = rope_cos_sin(inv_freq, attention_factor, positions_BT)
   q_BTHD, k_BTHD = apply_rope(q_BTHD, cos_BTK, sin_BTK), apply_rope(k_BTHD, cos_BTK, sin_BTK)
   scale_BT = query_scale(params, positions_BT)             # None for every type but 'eabf'
-  if scale_BT is not None:
+  if scale_BT is not None and query_scale_layers(params, num_layers)[layer]:
     q_BTHD = q_BTHD * scale_BT[:, :, None, None].astype(q_BTHD.dtype)
 
 Partial rotary (`partial_rotary_factor < 1`): the rotary dimension is
@@ -50,6 +50,8 @@ Params = Mapping[str, Any]
 InvFreqFn = Callable[[Params, int, int, Any], tuple[Any, float]]
 # (rope_parameters, positions_BT) -> scale_BT, multiplied into the query after RoPE.
 QueryScaleFn = Callable[[Params, jax.Array], jax.Array]
+# (rope_parameters, num_layers) -> one flag per layer: whether that layer applies the scale.
+QueryScaleLayersFn = Callable[[Params, int], tuple[bool, ...]]
 # (rope_parameters, rope_type name, head_dim or None) -> None; raises ValueError.
 CheckFn = Callable[[Params, str, int | None], None]
 
@@ -64,8 +66,14 @@ class RopeType:
     positive_keys: keys that, when present, must be numbers > 0.
     check_fn: extra validation beyond required/positive keys; raises ValueError.
     query_scale_fn: optional per-position query multiplier applied after RoPE (see `query_scale`).
+    query_scale_layers_fn: which layers apply `query_scale_fn` (see `query_scale_layers`);
+      None: every layer.
     uses_seq_len: whether the frequencies depend on `seq_len` (dynamic, longrope); callers may
       skip computing `max(positions) + 1` when it is False.
+    default_rope_theta: the base when neither the dict nor the HF config sets `rope_theta`
+      (HF's 10,000; a type whose reference fixes another base says so here).
+    exclusive_keys: keys only this type reads; validation rejects them under any other type, so
+      a key meant for one type is never silently ignored by another.
   """
 
   inv_freq_fn: InvFreqFn
@@ -73,7 +81,10 @@ class RopeType:
   positive_keys: tuple[str, ...] = ()
   check_fn: CheckFn | None = None
   query_scale_fn: QueryScaleFn | None = None
+  query_scale_layers_fn: QueryScaleLayersFn | None = None
   uses_seq_len: bool = False
+  default_rope_theta: float = DEFAULT_ROPE_THETA
+  exclusive_keys: tuple[str, ...] = ()
 
 
 ROPE_TYPES: dict[str, RopeType] = {}
@@ -342,8 +353,9 @@ def validate_rope_parameters(rope_parameters: dict, *, head_dim: int | None = No
   """Raises ValueError (one sentence naming the key) if `rope_parameters` is unusable.
 
   Unlike HF, which warns on most bad values and raises KeyError only for missing keys, lcjax
-  raises for unknown types, missing required keys, non-positive numbers and, when `head_dim` is
-  given, factor lists of the wrong length.
+  raises for unknown types, missing required keys, non-positive numbers, keys that belong to
+  another type (`RopeType.exclusive_keys`) and, when `head_dim` is given, factor lists of the
+  wrong length.
   """
   if not isinstance(rope_parameters, Mapping):
     raise ValueError(f"rope_parameters must be a dict, got {type(rope_parameters).__name__}")
@@ -359,6 +371,13 @@ def validate_rope_parameters(rope_parameters: dict, *, head_dim: int | None = No
   for key in rope_type.required_keys:
     if rope_parameters.get(key) is None:
       raise ValueError(f"rope_parameters[{key!r}] is required for rope_type {name!r}")
+  for other_name, other in ROPE_TYPES.items():
+    for key in other.exclusive_keys:
+      if rope_parameters.get(key) is not None and key not in rope_type.exclusive_keys:
+        raise ValueError(
+          f"rope_parameters[{key!r}] applies only to rope_type {other_name!r}, not {name!r}; "
+          f"drop it or set rope_type={other_name!r}"
+        )
   for key in ("rope_theta", "partial_rotary_factor", *rope_type.positive_keys):
     value = rope_parameters.get(key)
     if value is not None and (not _is_number(value) or value <= 0):
@@ -435,10 +454,11 @@ def standardize_rope_parameters(hf_config: dict) -> dict:
   Mirrors transformers 5.24 `RotaryEmbeddingConfigMixin.convert_rope_params_to_dict` and
   `standardize_rope_params`: legacy `rope_scaling` wins over `rope_parameters`; a legacy `type`
   key becomes `rope_type` (HF keeps both; lcjax drops `type`); a missing `rope_type` is
-  "default"; top-level `rope_theta` (default 10000.0) and `partial_rotary_factor` are moved in
-  unless the dict has them; for llama3/yarn/longrope `original_max_position_embeddings` is
-  overwritten by a top-level `original_max_position_embeddings` when present (Phi-3 style), else
-  defaults to `max_position_embeddings`. (transformers applies that overwrite on the second
+  "default"; top-level `rope_theta` (default 10000.0, or the type's `default_rope_theta`:
+  500000.0 for `eabf`) and `partial_rotary_factor` are moved in unless the dict has them; for
+  llama3/yarn/longrope `original_max_position_embeddings` is overwritten by a top-level
+  `original_max_position_embeddings` when present (Phi-3 style), else defaults to
+  `max_position_embeddings`. (transformers applies that overwrite on the second
   standardization, which `from_dict` and every rope init function run, so a bare
   `LlamaConfig(**cfg).rope_parameters` may still show the default until then.)
 
@@ -462,7 +482,9 @@ def standardize_rope_parameters(hf_config: dict) -> dict:
   params = copy.deepcopy(dict(rope))
   legacy_type = params.pop("type", None)
   params.setdefault("rope_type", legacy_type if legacy_type is not None else "default")
-  params.setdefault("rope_theta", hf_config.get("rope_theta", DEFAULT_ROPE_THETA))
+  rope_type = ROPE_TYPES.get(params["rope_type"])  # unknown names fail validation below
+  default_theta = DEFAULT_ROPE_THETA if rope_type is None else rope_type.default_rope_theta
+  params.setdefault("rope_theta", hf_config.get("rope_theta", default_theta))
   if hf_config.get("partial_rotary_factor") is not None:
     params.setdefault("partial_rotary_factor", hf_config["partial_rotary_factor"])
   if params["rope_type"] in _HF_ORIGINAL_MAX_TYPES:
@@ -511,10 +533,13 @@ def compute_inv_freq(
   and cast to float32.
 
   With `partial_rotary_factor < 1`, the `rotary_dim // 2` frequencies are padded with zeros to
-  `head_dim // 2` entries (identity rotation); see the module docstring for the layout.
+  `head_dim // 2` entries (identity rotation); see the module docstring for the layout. A type
+  that does not require `rope_theta` (`eabf`) uses its `default_rope_theta` when it is unset.
   """
   validate_rope_parameters(rope_parameters, head_dim=head_dim)
   rope_type = ROPE_TYPES[rope_parameters["rope_type"]]
+  if rope_parameters.get("rope_theta") is None:  # only types that do not require it get here
+    rope_parameters = {**rope_parameters, "rope_theta": rope_type.default_rope_theta}
   rotary_dim = _rotary_dim(rope_parameters, head_dim)
   inv_freq, attention_factor = rope_type.inv_freq_fn(rope_parameters, head_dim, rotary_dim, seq_len)
   num_pad = head_dim // 2 - inv_freq.shape[0]
@@ -529,12 +554,30 @@ def query_scale(rope_parameters: dict, positions_BT: jax.Array) -> jax.Array | N
   """Returns the per-position query multiplier `[B, T]` float32, or None for most types.
 
   Only `eabf` has one. It multiplies the query (never the key) after `apply_rope`, so the logit
-  scale is `lambda`, not `lambda^2`. The Entropy-ABF paper leaves layers 0 and 1 unscaled; that
-  per-layer choice belongs to the model.
+  scale is `lambda`, not `lambda^2`. Which layers apply it is `query_scale_layers`.
   """
   validate_rope_parameters(rope_parameters)
   fn = ROPE_TYPES[rope_parameters["rope_type"]].query_scale_fn
   return None if fn is None else fn(rope_parameters, positions_BT)
+
+
+def query_scale_layers(rope_parameters: dict, num_layers: int) -> tuple[bool, ...] | None:
+  """Per layer, whether it multiplies its query by `query_scale`; None when the type has none.
+
+  The flags are static (they depend on the config only), so a model can hand them to a scan
+  over layers as data. For `eabf` the first `eabf_unscaled_layers` layers (default 2, the
+  paper's) are unscaled; a type without `query_scale_layers_fn` scales every layer.
+  """
+  validate_rope_parameters(rope_parameters)
+  rope_type = ROPE_TYPES[rope_parameters["rope_type"]]
+  if rope_type.query_scale_fn is None:
+    return None
+  if rope_type.query_scale_layers_fn is None:
+    return (True,) * num_layers
+  flags = tuple(bool(f) for f in rope_type.query_scale_layers_fn(rope_parameters, num_layers))
+  if len(flags) != num_layers:
+    raise ValueError(f"query_scale_layers_fn returned {len(flags)} flags for {num_layers} layers")
+  return flags
 
 
 def rope_cos_sin(

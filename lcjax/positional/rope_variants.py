@@ -4,8 +4,10 @@ Each is one `register_rope_type` call on the shared registry, so configs name th
 the Hugging Face types (`rope=dict(rope_type="eabf", ...)`):
 
 - `abf`: Xiong et al. 2023, Effective Long-Context Scaling (Llama 2 Long). Keys: rope_theta.
-- `eabf`: Zhang et al. 2024, Extending LLMs' Context Window with 100 Samples. Keys: rope_theta,
-  original_max_position_embeddings (the training length in the query scale).
+- `eabf`: Zhang et al. 2024, Extending LLMs' Context Window with 100 Samples. Keys:
+  original_max_position_embeddings (the training length in the query scale), optional
+  rope_theta (default 500,000, the reference's base) and eabf_unscaled_layers (default 2: the
+  first two layers keep an unscaled query, as in the paper).
 - `giraffe`: Pal et al. 2023, Giraffe. Keys: rope_theta, truncate_wavelength, optional factor
   and scale_power.
 - `nope`: Kazemnejad et al. 2023, NoPE. No keys.
@@ -35,6 +37,14 @@ from lcjax.positional.rope import (
 
 _ORIG = "original_max_position_embeddings"
 
+# Entropy-ABF's base: GAIR-NLP/Entropy-ABF `patch/EABF.py::_init_rope_new` builds the rotary
+# embedding of `rope_scaling={"type": "eabf"}` with `base=500000` whatever the config says.
+# lcjax uses it only when `rope_theta` is unset (in the dict and in the HF config), so that a
+# study can still choose another base; unset, HF's 10,000 would silently drop the "ABF" half.
+EABF_ROPE_THETA = 500000.0
+# Leading layers without the query scale: the paper's 2 (`apply_eabf(model, count=2)`).
+EABF_UNSCALED_LAYERS = 2
+
 
 def _inv_freq_abf(params: Params, head_dim: int, dim: int, seq_len: Any):
   """Adjusted Base Frequency (Xiong et al. 2023, "Effective Long-Context Scaling of Foundation
@@ -47,11 +57,44 @@ def _inv_freq_abf(params: Params, head_dim: int, dim: int, seq_len: Any):
 def _query_scale_eabf(params: Params, positions_BT: jax.Array) -> jax.Array:
   """Entropy-aware ABF query scale (Zhang et al. 2024, "Extending LLMs' Context Window with 100
   Samples", arXiv:2401.07004; GAIR-NLP/Entropy-ABF `patch/EABF.py::apply_rotary_pos_emb_scale`):
-  `lambda = max(1, ln(pos + 1) / ln(L_train))` with `L_train = original_max_position_embeddings`.
+  `lambda = max(1, ln(pos + 1) / ln(L_train))` with `L_train = original_max_position_embeddings`
+  (the reference hard-codes `log(4096)`, Llama-2's length). Which layers apply it:
+  `_query_scale_layers_eabf`.
   """
   train_len = float(params["original_max_position_embeddings"])
   pos_BT = jnp.asarray(positions_BT).astype(jnp.float32)
   return jnp.maximum(jnp.float32(1.0), jnp.log1p(pos_BT) / jnp.float32(math.log(train_len)))
+
+
+def _eabf_unscaled_layers(params: Params) -> int:
+  """`rope_parameters['eabf_unscaled_layers']`, or the paper's 2 when unset."""
+  value = params.get("eabf_unscaled_layers")
+  return EABF_UNSCALED_LAYERS if value is None else int(value)
+
+
+def _query_scale_layers_eabf(params: Params, num_layers: int) -> tuple[bool, ...]:
+  """Layers `>= eabf_unscaled_layers` scale their query; the first ones keep it as trained.
+
+  The paper (Zhang et al. 2024, arXiv:2401.07004) applies its attention scalar to every layer
+  but the first two, and its code says the same: `apply_eabf(model, count=2)` in
+  GAIR-NLP/Entropy-ABF `patch/EABF.py` restores `apply_rotary_pos_emb_old` (no scale) on
+  `layers[0]` and `layers[1]`. Caveat: it does so by setting the attribute
+  `self_attn.apply_rotary_pos_emb`, which the repo's own flash-attention `forward`
+  (`patch/flash_attn_monkey_patch.py`, which calls `modeling_llama.apply_rotary_pos_emb`, patched
+  globally to the scaled version; `main.py` uses it by default) does not read and transformers
+  4.31's `LlamaAttention.forward` may not either, so the released code may scale every layer.
+  lcjax implements the paper by default and offers the code's possible behaviour as
+  `eabf_unscaled_layers=0`.
+
+  The count lives in the rope dict rather than on the model config because it is part of the
+  `eabf` type: it travels with the dict wherever a RoPE is swapped (`eval.rope_variants`,
+  `model_overrides`, `model_from_params`), means nothing for any other type (validation
+  rejects it there), and round-trips through config.json's `rope_parameters` like HF's own
+  per-type keys. A count >= num_layers scales no layer: the model then equals `abf` with the
+  same `rope_theta` exactly.
+  """
+  unscaled = _eabf_unscaled_layers(params)
+  return tuple(i >= unscaled for i in range(num_layers))
 
 
 def _inv_freq_giraffe(params: Params, head_dim: int, dim: int, seq_len: Any):
@@ -113,6 +156,13 @@ def _check_eabf(params: Params, name: str, head_dim: int | None) -> None:
     raise ValueError(
       f"rope_parameters['original_max_position_embeddings'] must be > 1 for rope_type {name!r}"
     )
+  value = params.get("eabf_unscaled_layers")
+  is_count = isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 0
+  if value is not None and not is_count:
+    raise ValueError(
+      f"rope_parameters['eabf_unscaled_layers'] must be an integer >= 0 (leading layers without "
+      f"the query scale; 0 scales every layer) for rope_type {name!r}, got {value!r}"
+    )
 
 
 def _check_giraffe(params: Params, name: str, head_dim: int | None) -> None:
@@ -129,7 +179,13 @@ register_rope_type("abf", RopeType(_inv_freq_abf))
 register_rope_type(
   "eabf",
   RopeType(
-    _inv_freq_abf, ("rope_theta", _ORIG), check_fn=_check_eabf, query_scale_fn=_query_scale_eabf
+    _inv_freq_abf,
+    (_ORIG,),  # rope_theta defaults to the reference's base
+    check_fn=_check_eabf,
+    query_scale_fn=_query_scale_eabf,
+    query_scale_layers_fn=_query_scale_layers_eabf,
+    default_rope_theta=EABF_ROPE_THETA,
+    exclusive_keys=("eabf_unscaled_layers",),
   ),
 )
 register_rope_type(
