@@ -43,6 +43,7 @@ _LONG_FIRST = (
   "test_multiprocess.py",
   "test_train.py",
   "test_context_parallel_train.py",
+  "test_stages.py",
 )
 
 

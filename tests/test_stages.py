@@ -12,16 +12,17 @@ from lcjax.config import ConfigError, load_config
 from lcjax.sweep.stages import largest_stage, run_stages, stages_spec
 from lcjax.train.run_model import load_run_params
 
+LONG = {
+  "data.seq_len": 64,
+  "model.max_position_embeddings": 64,
+  "model.rope.max_position_embeddings": 64,
+  "model.rope.rope_theta": 40000.0,
+}
+# Stage 2 carries stage 1's optimizer state; stage 3 (same shapes) starts a fresh one.
 STAGES = (
   {"train.steps": 3},
-  {
-    "data.seq_len": 64,
-    "model.max_position_embeddings": 64,
-    "model.rope.max_position_embeddings": 64,
-    "model.rope.rope_theta": 40000.0,
-    "train.steps": 2,
-    "train.carry_optimizer_state": True,
-  },
+  {**LONG, "train.steps": 2, "train.carry_optimizer_state": True},
+  {**LONG, "train.steps": 1},
 )
 
 
@@ -65,15 +66,17 @@ def _adam_counts(run_dir: str, step: int) -> set[int]:
 def test_stages_run_in_order_resume_mid_chain_and_never_rerun(tmp_path, capsys):
   workdir = str(tmp_path / "chain")
   result = run_stages(_config(), workdir)
-  assert result["ran"] == ["stage-1", "stage-2"]
+  assert result["ran"] == ["stage-1", "stage-2", "stage-3"]
   # Stage 2 starts from stage 1's weights with its own RoPE θ (as a model override).
   stage2_model = json.load(open(os.path.join(workdir, "stage-2", "model_config.json")))
   assert stage2_model["rope"]["rope_theta"] == 40000.0
   assert stage2_model["max_position_embeddings"] == 64
   assert json.load(open(os.path.join(workdir, "stage-1", "config.json")))["data"]["seq_len"] == 32
-  # The optimizer state came along: AdamW's count continues from stage 1's 3 steps.
+  # The optimizer state came along: AdamW's count continues from stage 1's 3 steps; stage 3,
+  # without train.carry_optimizer_state, counts only its own step.
   assert _adam_counts(os.path.join(workdir, "stage-2"), 2) == {5}
-  assert "optimizer state carried over" in capsys.readouterr().out
+  assert _adam_counts(os.path.join(workdir, "stage-3"), 1) == {1}
+  assert capsys.readouterr().out.count("optimizer state carried over") == 1
   params_done, _, _ = load_run_params(os.path.join(workdir, "stage-2"))
   for name in ("results.csv", "results.md", "plots/stages_loss.png", "plots/stages_ppl.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
@@ -82,10 +85,12 @@ def test_stages_run_in_order_resume_mid_chain_and_never_rerun(tmp_path, capsys):
   # A finished chain reruns nothing.
   assert run_stages(_config(), workdir)["ran"] == []
   # Interrupted in stage 2 (after its step 1): the rerun skips stage 1 and resumes stage 2.
-  os.remove(os.path.join(workdir, "stage-2", "sweep_point.json"))
+  for name in ("stage-2", "stage-3"):
+    os.remove(os.path.join(workdir, name, "sweep_point.json"))
   shutil.rmtree(os.path.join(workdir, "stage-2", "checkpoints", "2"))
+  shutil.rmtree(os.path.join(workdir, "stage-3"))
   capsys.readouterr()
-  assert run_stages(_config(), workdir)["ran"] == ["stage-2"]
+  assert run_stages(_config(), workdir)["ran"] == ["stage-2", "stage-3"]
   assert "resumed from" in capsys.readouterr().out
   params_resumed, _, _ = load_run_params(os.path.join(workdir, "stage-2"))
   import jax  # noqa: PLC0415
@@ -93,21 +98,14 @@ def test_stages_run_in_order_resume_mid_chain_and_never_rerun(tmp_path, capsys):
   jax.tree.map(np.testing.assert_array_equal, params_resumed, params_done)
 
 
-def test_without_carry_the_optimizer_starts_fresh(tmp_path):
-  stages = (STAGES[0], {**STAGES[1], "train.carry_optimizer_state": False})
-  workdir = str(tmp_path / "fresh")
-  run_stages(_config(stages), workdir)
-  assert _adam_counts(os.path.join(workdir, "stage-2"), 2) == {2}
-
-
 def test_stage_model_fields_become_model_overrides_and_bad_stages_fail():
   spec = stages_spec(_config())
-  first, second = spec.points
+  first, second, _ = spec.points
   assert first.after is None and second.after == "stage-1"
   assert second.overrides["model_overrides.rope"]["rope_theta"] == 40000.0
   assert "model.rope.rope_theta" not in second.overrides
   name, config = largest_stage(_config())
-  assert (name, config.data.seq_len, config.model.rope.rope_theta) == ("stage-2", 64, 40000.0)
+  assert (name, config.data.seq_len, config.model.rope.rope_theta) == ("stage-3", 64, 40000.0)
   with pytest.raises(ConfigError, match=r"stages\[0\] sets 'init_from'"):
     stages_spec(_config(({"init_from": "/x"},)))
   with pytest.raises(ConfigError, match=r"stages\[1\] is 3; each stage is a dict"):

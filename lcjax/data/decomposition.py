@@ -94,6 +94,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lcjax.data.packing import frame_document, make_positions_np, row_loss_weights
 
@@ -217,8 +218,6 @@ def min_over_processes(sizes_M: np.ndarray) -> np.ndarray:
 
   Every process must call it at the same point; for `DecomposedBatcher(agree_sizes=...)`.
   """
-  from jax.experimental import multihost_utils  # the data modules stay importable without jax
-
   gathered_PM = np.asarray(multihost_utils.process_allgather(np.asarray(sizes_M, np.int64)))
   return gathered_PM.reshape(-1, np.size(sizes_M)).min(axis=0)
 

@@ -30,6 +30,7 @@ and `plots/stages_ppl.png` (perplexity vs length after each stage).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -204,8 +205,6 @@ def plot_stage_losses(workdir: str, names: list[str]) -> str | None:
 
 def _tokens_per_step(run_dir: str) -> float:
   """Rows x sequence length of a run, from its config.json."""
-  import json  # noqa: PLC0415
-
   with open(os.path.join(run_dir, "config.json")) as f:
     config = json.load(f)
   return float(config["train"]["batch_size"] * config["data"]["seq_len"])
