@@ -140,7 +140,7 @@ def test_checkpoints_of_unrolled_models_restore_into_scanned_ones_and_back(tmp_p
     ckpt.close()
 
 
-@pytest.mark.parametrize("T, chunk", [(32, 8), (30, 8), (8, 16)])
+@pytest.mark.parametrize("T, chunk", [(32, 8), (30, 8)])  # exact chunks; a padded last chunk
 def test_chunked_mlp_equals_one_chunk(T, chunk):
   scanned, _ = _pair()
   chunked = build_model(llama_config(**KW, mlp_chunk=chunk), rngs=nnx.Rngs(0))
