@@ -6,7 +6,7 @@ import pytest
 
 from lcjax.config import ConfigError, load_config
 from lcjax.train import aot
-from lcjax.train.aot import compile_train_step, format_report
+from lcjax.train.aot import check_host_memory, compile_train_step, format_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("libtpu", reason="libtpu is part of the test extra on Linux x86-64 only")
@@ -30,6 +30,8 @@ def test_ring_attention_train_step_compiles_for_v5p_with_pallas(monkeypatch):
   c = _quickstart("tiny")
   c.mesh.update(data=1, context=8)
   c.attention.impl = "auto"
+  # model.remat=offload keeps each layer's input in pinned_host memory (lcjax.models.remat).
+  c.model.remat = "offload"
   report = compile_train_step(c, "v5p:2x2x2")
   assert report["devices"] == 8 and report["device_kind"].startswith("TPU v5")
   assert report["mesh"]["context"] == 8
@@ -40,9 +42,14 @@ def test_ring_attention_train_step_compiles_for_v5p_with_pallas(monkeypatch):
   assert report["attention_impl"] == "pallas"
   mosaic = "tpu_custom_call" in compiled[0].as_text()
   assert mosaic, "the Pallas kernels were traced in interpret mode, not lowered through Mosaic"
-  # v5p:2x2x2 spans 2 hosts of 4 chips; no offload remat, so no host memory.
+  # v5p:2x2x2 spans 2 hosts of 4 chips, each holding its chips' offloaded layer inputs.
   assert report["devices_per_host"] == 4
-  assert report["host_bytes_per_device"] == report["host_bytes_per_host"] == 0
+  assert 0 < report["host_bytes_per_device"] * 4 == report["host_bytes_per_host"]
+  # Over the per-host budget, the same report is one clear error (compile_train_step's check).
+  with pytest.raises(
+    ConfigError, match=r"GiB of host memory per host \(4 devices x .*host_memory_budget_gib=1e-09"
+  ):
+    check_host_memory({**report, "host_budget_bytes": 1e-9 * aot.GiB})
   text = format_report(report)
   assert "v5p:2x2x2" in text and "attention impl: pallas" in text
   assert "host (pinned_host) per device: 0.00 GiB; per host (4 devices)" in text
@@ -61,15 +68,3 @@ def test_a_step_that_does_not_fit_is_one_clear_error():
 def test_unknown_topology_is_one_clear_error():
   with pytest.raises(ConfigError, match="v9z:1x1"):
     compile_train_step(_quickstart("tiny"), "v9z:1x1")
-
-
-def test_host_memory_over_the_budget_fails_the_compile():
-  # model.remat=offload keeps each layer's input in pinned_host memory (lcjax.models.remat).
-  c = _quickstart("tiny")
-  c.model.update(num_layers=1, remat="offload")
-  c.mesh.update(data=1, context=4)
-  c.train.host_memory_budget_gib = 1e-9
-  with pytest.raises(
-    ConfigError, match=r"GiB of host memory per host \(4 devices x .*host_memory_budget_gib=1e-09"
-  ):
-    compile_train_step(c, "v5p:2x2x1")
