@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from packing_fixtures import UNDECODABLE, Undecodable, encode, random_docs
 
 from lcjax.data.decomposition import (
   CycleSampler,
@@ -20,26 +21,6 @@ from lcjax.data.decomposition import (
 from lcjax.data.packing import frame_document
 
 BOS, EOS = 257, 258
-UNDECODABLE = b"\xff<undecodable>"
-
-
-class Undecodable(ValueError):
-  pass
-
-
-def encode(doc):
-  if isinstance(doc, np.ndarray):  # numbered documents: already tokens
-    return doc
-  if doc == UNDECODABLE:
-    raise Undecodable("not utf-8")
-  return np.frombuffer(doc, dtype=np.uint8).astype(np.int32)
-
-
-def random_docs(seed, count, max_len):
-  rng = np.random.default_rng(seed)
-  return [
-    bytes(rng.integers(0, 256, rng.integers(1, max_len)).astype(np.uint8)) for _ in range(count)
-  ]
 
 
 def numbered_docs(seed, count, max_len):

@@ -2,30 +2,13 @@
 
 import numpy as np
 import pytest
+from packing_fixtures import UNDECODABLE, Undecodable, encode, random_docs
 
 from lcjax.attention.masks import MaskSpec
 from lcjax.data.packing import DocumentPacker, frame_document, make_positions_np, row_loss_weights
 from lcjax.positional.positions import make_positions
 
 PAD, BOS, EOS = 256, 257, 258
-UNDECODABLE = b"\xff<undecodable>"
-
-
-class Undecodable(ValueError):
-  pass
-
-
-def encode(doc):
-  if doc == UNDECODABLE:
-    raise Undecodable("not utf-8")
-  return np.frombuffer(doc, dtype=np.uint8).astype(np.int32)
-
-
-def random_docs(seed, count, max_len):
-  rng = np.random.default_rng(seed)
-  return [
-    bytes(rng.integers(0, 256, rng.integers(1, max_len)).astype(np.uint8)) for _ in range(count)
-  ]
 
 
 def make_packer(docs, seq_len, **kwargs):

@@ -744,6 +744,24 @@ def run_convert(ws: Workspace, cmd: Command) -> None:
     transformers.AutoModelForCausalLM.from_pretrained(dst)
 
 
+def _smoke_argv(ws: Workspace, cmd: Command, argv: list[str], what: str, run: str):
+  """argv with its config's `smoke` arg, or None when the same smoke run already ran."""
+  path = (_flag(argv, "config") or "").partition(":")[0]
+  if not (ROOT / path).is_file() or not re.search(r"\bsmoke\s*=", (ROOT / path).read_text()):
+    pytest.fail(
+      f"README.md:{cmd.line}: `{cmd.text}`: {path} is not {what} with a `smoke` arg to run "
+      f"it cheaply; add one or a rule in {Path(__file__).name}",
+      pytrace=False,
+    )
+  argv = _set_flag(argv, "config", f"{path}:smoke")
+  key = _normalized(argv, drop=("workdir",))
+  if key in ws.done:
+    ws.notes.append(f"`{cmd.text}` is the same smoke {run} as an earlier command: not rerun")
+    return None
+  ws.done.add(key)
+  return argv
+
+
 def _has_stages(argv: list[str]) -> bool:
   try:
     return bool(_resolve_config(argv).get("stages"))
@@ -758,19 +776,9 @@ def run_stages_smoke(ws: Workspace, cmd: Command, argv: list[str]) -> None:
   reach them; the config's own `smoke` size is the cheap form of the same chain. Every
   stage folder must end with a loss line and a checkpoint, and the chain with results.csv.
   """
-  path = (_flag(argv, "config") or "").partition(":")[0]
-  if not re.search(r"\bsmoke\s*=", (ROOT / path).read_text()):
-    pytest.fail(
-      f"README.md:{cmd.line}: `{cmd.text}`: {path} has stages but no `smoke` arg to run them "
-      f"cheaply; add one or a rule in {Path(__file__).name}",
-      pytrace=False,
-    )
-  argv = _set_flag(argv, "config", f"{path}:smoke")
-  key = _normalized(argv, drop=("workdir",))
-  if key in ws.done:
-    ws.notes.append(f"`{cmd.text}` is the same smoke chain as an earlier command: not rerun")
+  argv = _smoke_argv(ws, cmd, argv, "a config with stages", "chain")
+  if argv is None:
     return
-  ws.done.add(key)
   full = _python(argv)
   output = _run(ws, full, _process_env(cmd.env, ws.request.getfixturevalue("compile_cache")), full)
   workdir = Path(_flag(argv, "workdir"))
@@ -788,20 +796,9 @@ def run_sweep_script(ws: Workspace, cmd: Command) -> None:
   DIR/results.csv with a row per point. Variants that shrink to the same smoke run
   (runlocal, the full grid) run once.
   """
-  argv = ws.substitute(cmd.argv)
-  path = (_flag(argv, "config") or "").partition(":")[0]
-  if not (ROOT / path).is_file() or not re.search(r"\bsmoke\s*=", (ROOT / path).read_text()):
-    pytest.fail(
-      f"README.md:{cmd.line}: `{cmd.text}`: {path} is not a sweep config with a `smoke` arg "
-      f"to run it cheaply; add one or a rule in {Path(__file__).name}",
-      pytrace=False,
-    )
-  argv = _set_flag(argv, "config", f"{path}:smoke")
-  key = _normalized(argv, drop=("workdir",))
-  if key in ws.done:
-    ws.notes.append(f"`{cmd.text}` is the same smoke sweep as an earlier command: not rerun")
+  argv = _smoke_argv(ws, cmd, ws.substitute(cmd.argv), "a sweep config", "sweep")
+  if argv is None:
     return
-  ws.done.add(key)
   env = _process_env(cmd.env, ws.request.getfixturevalue("compile_cache"))
   full = _python(argv)
   output = _run(ws, full, env, full)
