@@ -125,16 +125,23 @@ def config_path(spec: str) -> tuple[str, str | None]:
   """(file, arg) of a config spec "configs/NAME.py[:ARGS]" (or "NAME[:ARGS]").
 
   The file is the path as given when it exists (relative to the working directory),
-  else configs/NAME.py of this lcjax checkout, else the installed `lcjax.configs.NAME`.
+  else configs/NAME.py (or a subfolder, configs/recipes/NAME.py) of this lcjax checkout, else
+  the installed `lcjax.configs.NAME`.
   """
   path, sep, arg = spec.partition(":")
   candidates = [path]
-  name = os.path.basename(path)
-  name = name if name.endswith(".py") else f"{name}.py"
-  candidates.append(os.path.join(_CHECKOUT_CONFIGS, name))
+  # Under the configs folder: the part after "configs/" ("recipes/lwm.py" of
+  # "configs/recipes/lwm.py"), or the spec as written ("recipes/lwm"), or its file name.
+  parts = os.path.normpath(path).split(os.sep)
+  if "configs" in parts[:-1]:
+    parts = parts[len(parts) - parts[::-1].index("configs") :]
+  names = [os.path.join(*parts), parts[-1]]
+  names = list(dict.fromkeys(n if n.endswith(".py") else f"{n}.py" for n in names))
+  roots = [_CHECKOUT_CONFIGS]
   installed = importlib.util.find_spec("lcjax.configs")
   if installed is not None and installed.submodule_search_locations:
-    candidates += [os.path.join(d, name) for d in installed.submodule_search_locations]
+    roots += list(installed.submodule_search_locations)
+  candidates += [os.path.join(root, name) for root in roots for name in names]
   for candidate in candidates:
     if os.path.isfile(candidate):
       return candidate, (arg if sep else None)

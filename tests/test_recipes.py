@@ -84,3 +84,10 @@ def test_scaled_theta_keeps_the_critical_dimension_fraction():
     scaled_rope_theta(1e4, 4, 2)
   assert steps_in_ratio([4.8, 12, 12, 3, 1.8], 150) == (21, 54, 54, 13, 8)
   assert re.search("Tab. 1", load_module("configs/recipes/lwm.py").__doc__)
+
+
+def test_recipes_load_from_any_working_directory(tmp_path, monkeypatch):
+  """`configs/recipes/NAME.py` resolves outside the checkout (Colab), as lcjax.configs.recipes."""
+  monkeypatch.chdir(tmp_path)
+  for spec in ("configs/recipes/lwm.py:smoke", "recipes/lwm:smoke"):
+    assert load_config(spec).stages, spec

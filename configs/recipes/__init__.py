@@ -1,0 +1,1 @@
+"""Continual-pretraining recipes as stage chains (README: "Continual-pretraining recipes")."""
