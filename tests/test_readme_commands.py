@@ -19,14 +19,11 @@ TPU compile-only runs do not use the cache (concurrent writers of one entry).
 from __future__ import annotations
 
 import ast
-import builtins
 import contextlib
 import dataclasses
 import fnmatch
-import gzip
 import importlib.util
 import io
-import json
 import math
 import os
 import re
@@ -41,8 +38,17 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
+from readme_blocks import (
+  Block,
+  Command,
+  bash_commands,
+  free_names,
+  placeholder_value,
+  readme_blocks,
+  slug,
+)
+from readme_files import build_tiny_hf_folder, write_data_files
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -56,107 +62,11 @@ TINY_MAMBA = dict(num_layers=1, d_model=32, head_dim=16, d_state=8, chunk_size=1
 BYTE_VOCAB = 384  # the byte tokenizer's padded vocabulary
 
 
-# --- README parsing ------------------------------------------------------------------------
-
-BASH_LANGS = ("bash", "sh", "shell", "console")
-PYTHON_LANGS = ("python", "py", "python3")
-
-
-@dataclasses.dataclass(frozen=True)
-class Block:
-  """One fenced code block: its section heading, language, first line and text."""
-
-  heading: str
-  lang: str
-  line: int  # 1-based line of the first line inside the fence
-  text: str
-
-
-@dataclasses.dataclass
-class Command:
-  """One logical bash command: `VAR=value` prefix, argv, and where the README has it."""
-
-  line: int
-  text: str  # as the README writes it (continuations joined, comment dropped)
-  env: dict[str, str]
-  argv: list[str]
-
-
-def readme_blocks(text: str) -> list[Block]:
-  """The bash and python blocks of a markdown text, each with the heading it sits under."""
-  heading, blocks, lines, i = "top", [], text.splitlines(), 0
-  while i < len(lines):
-    line = lines[i]
-    title = re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)
-    if title:
-      heading = "top" if len(title.group(1)) == 1 else title.group(2)
-    fence = re.match(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)", line)
-    if fence:
-      close, lang, start, body = fence.group(1), fence.group(2).lower(), i + 2, []
-      i += 1
-      while i < len(lines) and not lines[i].strip().startswith(close):
-        body.append(lines[i])
-        i += 1
-      if lang in BASH_LANGS + PYTHON_LANGS:
-        kind = "python" if lang in PYTHON_LANGS else "bash"
-        blocks.append(Block(heading, kind, start, "\n".join(body)))
-    i += 1
-  return blocks
-
-
-def _drop_optional(tokens: list[str]) -> list[str]:
-  """`[--verify]` -> `--verify` (run the optional flag too); `[--step N]` -> dropped."""
-  out, group = [], None
-  for token in tokens:
-    if group is None and not token.startswith("[-"):
-      out.append(token)
-      continue
-    group = [token[1:]] if group is None else group + [token]
-    if group[-1].endswith("]"):
-      group[-1] = group[-1][:-1]
-      if len(group) == 1:
-        out.append(group[0])
-      group = None
-  if group is not None:
-    raise ValueError(f"unclosed optional group [{' '.join(group)}")
-  return out
-
-
-def bash_commands(block: Block) -> list[Command]:
-  """The commands of a bash block: `\\` continuations joined, comments and blank lines dropped."""
-  logical, pending, start = [], "", None
-  for offset, raw in enumerate(block.text.splitlines()):
-    start = block.line + offset if start is None else start
-    if raw.rstrip().endswith("\\"):
-      pending += raw.rstrip()[:-1] + " "
-      continue
-    logical.append((start, pending + raw))
-    pending, start = "", None
-  if pending:
-    logical.append((start, pending))
-  commands = []
-  for line, text in logical:
-    tokens = shlex.split(text, comments=True)
-    if not tokens:
-      continue
-    env = {}
-    while tokens and re.match(r"^[A-Za-z_]\w*=", tokens[0]):
-      key, value = tokens.pop(0).split("=", 1)
-      env[key] = value
-    shown = " ".join(re.sub(r"(^|\s)#[^'\"]*$", "", text).split())  # for messages only
-    commands.append(Command(line, shown, env, _drop_optional(tokens)))
-  return commands
-
-
-def _slug(text: str) -> str:
-  return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48].rstrip("-") or "top"
-
-
 def _block_params():
   blocks = readme_blocks(README.read_text(encoding="utf-8")) if README.exists() else []
   ids, seen = [], {}
   for block in blocks:
-    base = f"{_slug(block.heading)}-{block.lang}"
+    base = f"{slug(block.heading)}-{block.lang}"
     seen[base] = seen.get(base, -1) + 1
     ids.append(f"{base}{seen[base]}")
   return [pytest.param(block, id=name) for block, name in zip(blocks, ids, strict=True)]
@@ -165,97 +75,10 @@ def _block_params():
 BLOCKS = _block_params()
 
 
-# --- small real files for the README's placeholders ----------------------------------------
-
-_WORDS = (
-  "the model reads long documents and packs them into rows with masks so that attention "
-  "never crosses a boundary while rotary positions restart at every document of the corpus "
-  "def return import class value token length context ring device shard"
-).split()
-
-
-def corpus(num_docs: int, seed: int = 0, words_per_doc: int = 220) -> list[str]:
-  """Deterministic documents of a few hundred tokens (long enough for a perplexity window)."""
-  rng = np.random.default_rng(seed)
-  docs = []
-  for i in range(num_docs):
-    words = rng.choice(_WORDS, size=words_per_doc)
-    docs.append(f"document {i}: " + " ".join(words) + ".")
-  return docs
-
-
-def write_data_files(pattern: str, text_field: str) -> None:
-  """Writes three files matching `pattern` (a glob with one `*`) in the format its name says."""
-  folder, name = os.path.split(pattern)
-  os.makedirs(folder, exist_ok=True)
-  for shard in range(3):
-    path = os.path.join(folder, name.replace("*", f"part{shard}", 1).replace("*", ""))
-    docs = corpus(40, seed=shard)
-    if re.search(r"\.jsonl?(\.gz)?$", path):
-      data = "".join(json.dumps({text_field: doc, "id": i}) + "\n" for i, doc in enumerate(docs))
-    elif re.search(r"\.txt(\.gz)?$", path):
-      data = "\n".join(docs) + "\n"
-    else:
-      pytest.fail(
-        f"no rule writes test data for {pattern!r}; add its format to write_data_files in "
-        f"{Path(__file__).name}",
-        pytrace=False,
-      )
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as f:
-      f.write(data)
-
-
-def build_tiny_hf_folder(folder: Path) -> Path:
-  """A 1-layer LlamaForCausalLM (torch, CPU) and a BPE tokenizer.json, as an HF hub folder.
-
-  The tokenizer is trained on the same words as the test data, names its bos/eos/pad in
-  tokenizer_config.json and special_tokens_map.json (what lcjax's `hf` tokenizer reads), and
-  the model's vocabulary is the tokenizer's padded to 128, as lcjax pads it.
-  """
-  import tokenizers
-  import torch
-  import transformers
-  from tokenizers import decoders, models, pre_tokenizers, trainers
-
-  folder.mkdir(parents=True, exist_ok=True)
-  specials = ["<pad>", "<s>", "</s>"]
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-  )
-  tok.train_from_iterator(corpus(60), trainer)
-  tok.save(str(folder / "tokenizer.json"))
-  names = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
-  (folder / "tokenizer_config.json").write_text(
-    json.dumps({**names, "tokenizer_class": "PreTrainedTokenizerFast"})
-  )
-  (folder / "special_tokens_map.json").write_text(json.dumps(names))
-  ids = {name: tok.token_to_id(token) for name, token in names.items()}
-  config = transformers.LlamaConfig(
-    vocab_size=-(-tok.get_vocab_size() // 128) * 128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=4 * SEQ,
-    tie_word_embeddings=False,
-    pad_token_id=ids["pad_token"],
-    bos_token_id=ids["bos_token"],
-    eos_token_id=ids["eos_token"],
-  )
-  torch.manual_seed(0)
-  transformers.LlamaForCausalLM(config).save_pretrained(folder)
-  return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_hf_folder(tmp_path_factory) -> Path:
   """One tiny Hugging Face checkpoint per test process, only read by the tests."""
-  return build_tiny_hf_folder(tmp_path_factory.mktemp("tiny_hf"))
+  return build_tiny_hf_folder(tmp_path_factory.mktemp("tiny_hf"), 4 * SEQ)
 
 
 @pytest.fixture(scope="session")
@@ -359,7 +182,7 @@ class Workspace:
     return str(self.request.getfixturevalue("tiny_hf_folder"))
 
   def fresh(self, name: str) -> str:
-    base = self.tmp / "out" / _slug(name)
+    base = self.tmp / "out" / slug(name)
     path, n = base, 1
     while path.exists() or str(path) in self.bound.values():
       path, n = base.with_name(f"{base.name}-{n}"), n + 1
@@ -388,7 +211,7 @@ class Workspace:
       self.bound[value] = self.fresh(value)
     elif value not in self.bound:
       is_model = value.startswith("/models/")
-      self.bound[value] = self.hf_folder() if is_model else str(self.tmp / "work" / _slug(value))
+      self.bound[value] = self.hf_folder() if is_model else str(self.tmp / "work" / slug(value))
     return self.bound[value]
 
   def placeholder(self, name: str, role: str) -> str:
@@ -886,44 +709,6 @@ def run_command(ws: Workspace, cmd: Command) -> None:
 
 
 # --- python snippets -------------------------------------------------------------------------
-
-# Sizes of the shape-suffix letters of the repo's array names (tokens_BT, q_BTHD, ...).
-DIMS = dict(B=1, T=16, S=16, L=16, P=4, H=4, K=2, G=2, D=16, N=8, V=64)
-
-
-def placeholder_value(name: str):
-  """A small array for a name a snippet uses but never defines, from its shape suffix."""
-  import jax.numpy as jnp
-
-  found = re.fullmatch(r"([a-z][a-z0-9_]*?)_([A-Z]+)", name)
-  if not found or any(d not in DIMS for d in found.group(2)):
-    return None
-  prefix, dims = found.groups()
-  shape = tuple(DIMS[d] for d in dims)
-  rng = np.random.default_rng(sum(map(ord, name)))
-  if "seg" in prefix:  # two packed documents
-    row = np.where(np.arange(shape[-1]) < shape[-1] // 2, 1, 2)
-    return jnp.asarray(np.broadcast_to(row, shape), jnp.int32)
-  if "pos" in prefix:
-    return jnp.asarray(np.broadcast_to(np.arange(shape[-1]), shape), jnp.int32)
-  if any(word in prefix for word in ("token", "prompt", "ids", "target")):
-    return jnp.asarray(rng.integers(0, 32, size=shape), jnp.int32)
-  return jnp.asarray(rng.standard_normal(shape), jnp.float32)
-
-
-def free_names(tree: ast.AST) -> set[str]:
-  """Names a snippet reads but never binds (imports, assignments, defs, arguments)."""
-  loaded, bound = set(), set(dir(builtins))
-  for node in ast.walk(tree):
-    if isinstance(node, ast.Name):
-      (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
-    elif isinstance(node, ast.Import | ast.ImportFrom):
-      bound.update((a.asname or a.name).split(".")[0] for a in node.names)
-    elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-      bound.add(node.name)
-    elif isinstance(node, ast.arg):
-      bound.add(node.arg)
-  return loaded - bound
 
 
 def run_python_block(ws: Workspace, block: Block) -> None:

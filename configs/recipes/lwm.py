@@ -38,7 +38,7 @@ recipes"). `smoke` is the same chain, tiny, at lengths ÷2048 with 2 steps a sta
 Arguments: runlocal, smoke, init_from (a Hugging Face folder; required at full size).
 """
 
-from lcjax.config import parse_arg
+from lcjax.config import load_config, parse_arg
 from lcjax.recipes import scaled_rope_theta, steps_in_ratio
 from lcjax.train.config import base_config
 
@@ -55,6 +55,15 @@ LR = 4e-5
 CPU_DIVISOR = 256  # runlocal lengths: 128 ... 4096
 CPU_TOKENS_PER_STEP = 8192
 CPU_STEPS = 150
+CPU_MODEL_FIELDS = (
+  "vocab_size",
+  "d_model",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "mlp_dim",
+  "dtype",
+)
 POD_TOKENS_PER_CHIP = 65536
 POD_CHIPS = 64
 
@@ -106,15 +115,9 @@ def get_config(arg=None):
 
 
 def _cpu(c, *, smoke: bool):
-  c.model.update(
-    vocab_size=384,
-    d_model=128,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    mlp_dim=352,
-    dtype="float32",
-  )
+  # The quickstart's model (one home for its sizes); each stage sets its RoPE and lengths.
+  quickstart = load_config("quickstart", lock=False).model
+  c.model.update({k: quickstart[k] for k in CPU_MODEL_FIELDS})
   c.attention.update(block_q=128, block_kv=128)
   c.train.update(lr=2e-3, warmup_steps=5, log_every=10)
   final = PUBLISHED[-1][0] // CPU_DIVISOR
