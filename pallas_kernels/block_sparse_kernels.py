@@ -97,11 +97,15 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_kind_ref, *refs, st, n_q, n_kv):
     rows = pl.ds(q_start, st.block_q)
     q_ids = (q_pos_ref[:, rows], None if q_seg_ref is None else q_seg_ref[:, rows])
     kind = q_kind_ref[row * n_q + s]
-    for g in range(st.groups):  # the query heads of this kv head (static, small)
+
+    # The query heads of this kv head, one at a time: a loop, not a Python unroll, so
+    # Triton keeps one head's q/dO tiles in shared memory instead of all G of them.
+    def head(g, carry):
       q, do = q_ref[g, rows, :], do_ref[g, rows, :]
       lse_row, delta_row = lse_ref[g, :, rows], delta_ref[g, :, rows]
-      carry = _dkv_step(st, carry, k, v, k_ids, q, q_ids, do, lse_row, delta_row, kind, kv_head)
-    return carry
+      return _dkv_step(st, carry, k, v, k_ids, q, q_ids, do, lse_row, delta_row, kind, kv_head)
+
+    return lax.fori_loop(0, st.groups, head, carry)
 
   zeros = jnp.zeros(k_ref.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, q_count_ref[row], step, (zeros, zeros))

@@ -8,7 +8,8 @@ while a compile for CPU devices keeps the pure-JAX blockwise attention.
 import jax
 import pytest
 
-from lcjax.attention import registry
+from lcjax.attention import MaskSpec, registry
+from lcjax.attention.inputs import AttentionOptions
 from lcjax.attention.registry import AttentionImpl, resolve_impl, target_platform
 from lcjax.config import ConfigError, load_config
 from lcjax.train.aot import GiB, check_host_memory, compile_train_step
@@ -25,6 +26,19 @@ def test_auto_resolves_for_the_target_platform():
       assert resolve_impl("auto") == "blockwise"
     assert resolve_impl("auto") == "pallas"
   assert resolve_impl("auto") == "blockwise"
+
+
+def test_pallas_blocks_fit_triton_shared_memory_on_gpu(monkeypatch):
+  """On a GPU (or a compile for one) the kernels get at most 64-blocks: 128-blocks at
+  head_dim 128 exceed an H200's shared memory (scripts/gpu_check.py); TPU keeps its own."""
+  seen = []
+  monkeypatch.setattr(registry, "pallas_with_lse", lambda q, k, v, i, opts, **kw: seen.append(opts))
+  q = jax.numpy.zeros((1, 256, 2, 128))
+  for platform, want in (("gpu", (64, 64)), ("cuda", (64, 64)), ("tpu", (512, 128))):
+    with target_platform(platform):
+      opts = AttentionOptions(MaskSpec(), None, 512, 128)
+      registry.IMPLS["pallas"].attention(q, q, q, None, opts)
+    assert (seen[-1].block_q, seen[-1].block_kv) == want, platform
 
 
 def test_a_compile_for_cpu_devices_keeps_blockwise(monkeypatch):

@@ -638,6 +638,8 @@ BENCH_SHRINK = {
   "scripts/bench_ssd.py": "--lengths 64 --heads 2 --head_dim 16 --d_state 8 --chunk 16 "
   "--block 16 --batch 1 --repeats 1 --sequential_max 64",
   "scripts/bench_attention_blocks.py": "--seq_len 256 --block 64 --heads 2 --head_dim 16",
+  # On CPU it checks its arguments and says it needs an accelerator.
+  "scripts/gpu_check.py": "--seq_len 128 --blocks 32 --groups 1",
 }
 
 
@@ -679,6 +681,7 @@ RULES = (
   Rule(("python", "scripts/sweep.py"), run_sweep_script),
   Rule(("python", "scripts/convert_hf.py"), run_convert),
   Rule(("python", "scripts/bench*.py"), run_bench),
+  Rule(("python", "scripts/gpu_check.py"), run_bench),
 )
 
 

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import jax
 
 from lcjax.attention import blockwise, reference, unrolled
+from lcjax.attention.inputs import AttentionOptions
 from pallas_kernels.block_sparse_attention import attention_with_lse as pallas_with_lse
 from pallas_kernels.block_sparse_attention import backward as pallas_backward
 from pallas_kernels.block_sparse_attention import default_interpret
@@ -96,9 +97,32 @@ def _pallas_interpret() -> bool | None:
   return None if target is None else target == "cpu"
 
 
+# Largest block the Triton lowering fits in an H200's 227 KiB of shared memory at head_dim
+# 128: 128-blocks asked for 258-388 KiB (fp32 and bf16, GQA or not) and failed to launch;
+# 64-blocks ran, and at T=8K dense causal bf16 fwd+bwd reached 60 TFLOP/s against 23 for
+# 128-blocks without GQA (scripts/gpu_check.py, scripts/bench_attention_blocks.py on an
+# H200, jax 0.11.2; README "Pallas kernels on a GPU").
+GPU_MAX_BLOCK = 64
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def _for_platform(q_BTHD, opts: AttentionOptions) -> AttentionOptions:
+  """`opts` with blocks clipped to `GPU_MAX_BLOCK` when the kernels lower through Triton.
+
+  Block sizes change only the order of float32 accumulation, not what is computed.
+  """
+  platform = _TARGET_PLATFORM.get() or _platform(q_BTHD)
+  if platform not in GPU_PLATFORMS or max(opts.block_q, opts.block_kv) <= GPU_MAX_BLOCK:
+    return opts
+  return opts.replace(
+    block_q=min(opts.block_q, GPU_MAX_BLOCK), block_kv=min(opts.block_kv, GPU_MAX_BLOCK)
+  )
+
+
 def _pallas_attention(q_BTHD, k_BSKD, v_BSKD, inputs, opts):
   """The kernels with interpret mode chosen per call, and a one-time notice on CPU."""
   global _interpret_notice_shown
+  opts = _for_platform(q_BTHD, opts)
   interpret = _pallas_interpret()
   on_cpu = default_interpret(q_BTHD) if interpret is None else interpret
   if on_cpu and not _interpret_notice_shown:
@@ -112,11 +136,13 @@ def _pallas_attention(q_BTHD, k_BSKD, v_BSKD, inputs, opts):
 
 def _pallas_forward(q_BTHD, k_BSKD, v_BSKD, inputs, opts):
   """One ring step's forward kernel, for the target platform when one is set."""
+  opts = _for_platform(q_BTHD, opts)
   return pallas_forward(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret=_pallas_interpret())
 
 
 def _pallas_backward(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse=None):
   """One ring step's dQ and dK/dV kernels, for the target platform when one is set."""
+  opts = _for_platform(q_BTHD, opts)
   args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse)
   return pallas_backward(*args, interpret=_pallas_interpret())
 
