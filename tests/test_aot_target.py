@@ -90,10 +90,13 @@ def test_scanned_offload_with_sharded_rows_is_refused_for_tpu_only():
   c.mesh.update(data=1, fsdp=2, context=4)
   c.train.batch_size = 2
   with pytest.raises(
-    ConfigError, match=r"offload.* rows sharded over mesh.data\*mesh.fsdp=2 aborts"
+    ConfigError, match=r"offload.* Pallas attention and rows sharded over mesh.data\*mesh.fsdp=2"
   ):
     validate_config(c, num_devices=8, platform="tpu")
   validate_config(c, num_devices=8, platform="cpu")  # XLA:CPU compiles it
+  c.attention.impl = "blockwise"  # the pure-JAX attention compiles with sharded rows
+  validate_config(c, num_devices=8, platform="tpu")
+  c.attention.impl = "auto"
   c.model.scan_layers = False
   validate_config(c, num_devices=8, platform="tpu")
   c.model.scan_layers = None

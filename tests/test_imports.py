@@ -25,6 +25,7 @@ LAZY_ALLOWED = {
   "array_record",
   "matplotlib",
   "tokenizers",
+  "jieba",  # LongBench's Chinese word segmentation, used when installed (lcjax.eval.longbench)
 }
 
 

@@ -15,6 +15,7 @@ import os
 import jax
 import ml_collections
 
+from lcjax.attention.registry import resolve_impl
 from lcjax.config import ConfigError, require
 from lcjax.data import default_data_config, validate_data_config
 from lcjax.eval.passkey import PASSKEY_THRESHOLD
@@ -174,28 +175,33 @@ def validate_config(
     batch_size=t.batch_size // t.grad_accum,
     num_devices=num_devices,
   )
-  _check_compiler_limits(model_cfg, sizes, platform or jax.default_backend())
+  _check_compiler_limits(config, model_cfg, sizes, platform or jax.default_backend())
 
 
-def _check_compiler_limits(model_cfg, sizes: dict, platform: str) -> None:
+def _check_compiler_limits(config, model_cfg, sizes: dict, platform: str) -> None:
   """Combinations a compiler is known to abort on (a process abort cannot be caught).
 
   libtpu 0.0.42 (jax 0.10.2) aborts in `tpu_layout_assignment.cc` ("Check failed:
   num_window_dims == normalized_rank - 1") when it compiles scanned layers whose
-  inputs are offloaded to host while the rows are sharded over data/fsdp; one row per
-  context group (data = fsdp = 1, as `configs/llama3_8b_long.py:1m8`) compiles, and so
-  do remat=full and the unrolled loop (measured for issue #15).
+  inputs are offloaded to host, with the Pallas (Mosaic) attention kernels, while the
+  rows are sharded over data/fsdp. One row per context group (data = fsdp = 1, as
+  `configs/llama3_8b_long.py:1m8`) compiles, and so do remat=full, the unrolled loop and
+  the pure-JAX blockwise attention (measured for issue #15 on the tiny quickstart at
+  4K tokens, v5p:2x2x2, fsdp 2 × context 4).
   """
   if platform != "tpu" or model_cfg.get("remat") not in ("offload", "offload_dots"):
     return
   if "num_heads" not in model_cfg or not scan_layers_enabled(model_cfg):
     return
+  if resolve_impl(config.attention.impl, platform=platform) != "pallas":
+    return
   require(
     sizes["data"] * sizes["fsdp"] == 1,
-    f"model.remat={model_cfg.remat!r} with scanned layers and rows sharded over "
-    f"mesh.data*mesh.fsdp={sizes['data'] * sizes['fsdp']} aborts the TPU compiler (libtpu "
-    "0.0.42 layout-assignment check); use model.remat=full, or one row per context group "
-    "(mesh.data=mesh.fsdp=1), or model.scan_layers=False",
+    f"model.remat={model_cfg.remat!r} with scanned layers, Pallas attention and rows "
+    f"sharded over mesh.data*mesh.fsdp={sizes['data'] * sizes['fsdp']} aborts the TPU "
+    "compiler (libtpu 0.0.42 layout-assignment check); use attention.impl=blockwise, "
+    "model.remat=full, one row per context group (mesh.data=mesh.fsdp=1), or "
+    "model.scan_layers=False",
   )
 
 
