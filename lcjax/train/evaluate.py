@@ -28,6 +28,7 @@ from lcjax.eval import (
   write_json,
 )
 from lcjax.eval.passkey import PASSKEY_THRESHOLD, max_length_at
+from lcjax.eval.precision import bf16_rope_evaluation
 from lcjax.eval.state_capacity import plot_state_norms, state_norm_evaluation
 from lcjax.interop.native import write_model_config
 from lcjax.train.metrics import MetricsWriter, read_metrics, write_run_config
@@ -133,6 +134,11 @@ def final_evaluations(config, workdir, params, model_cfg, step) -> dict[str, Any
     plot_state_norms(summary, os.path.join(workdir, "plots", "state_norms.png"))
     lines.update(state_lines)
     out["state_norms"] = summary
+  if ev.get("bf16_rope") is not None and ev.bf16_rope.enabled:  # configs/bf16_rope.py
+    out["bf16_rope"], bf16_lines = bf16_rope_evaluation(
+      ev.bf16_rope, params, model_cfg, config.data, workdir, model_from_params=model_from_params
+    )
+    lines.update(bf16_lines)
   if lines:
     last = max(
       (r.get("step", 0) for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))), default=step

@@ -1,0 +1,800 @@
+"""bf16 RoPE breakdown: does attention stay a function of relative position under a shift?
+
+Wang et al. 2024, "When Precision Meets Position: BFloat16 Breaks Down RoPE in Long-Context
+Training" (arXiv:2411.13476, TMLR 2025), §2: RoPE (Su et al. 2021, arXiv:2104.09864, eq. 16)
+makes the logit of query position m and key position n depend on m - n alone, but only in
+exact arithmetic. In bf16, shifting every position by Δ changes the attention, more so in
+longer contexts, and mostly through the first token (the attention sink). AnchorAttention
+(§3; haonan3/AnchorContext `train.py`) gives all documents one shared anchor token at
+position 0. The measurement shifts all position ids by Δ and compares with Δ = 0.
+
+- Kernel level (`kernel_shift_study`): random q, k; the mean |Δlogit| of (query, key) pairs
+  under a shift, and the L1 change of softmax rows over L keys with and without a
+  high-logit first key (a sink), for each rotation path of `ROTATIONS`: lcjax's fp32 path,
+  HF-style bf16 (cos/sin cast to bf16 first, `hf_bf16_rope`), lcjax's bf16 path (fp32
+  rotation, one cast at the end) and fp32 with exactly computed angles. Logits and
+  softmax are then taken in float64 on the host, so the numbers measure the rotation only.
+- Model level (`attention_probs`, `model_shift_study`): a trained model's attention
+  probabilities per layer, recomputed from each layer's own q/k projections and RoPE while
+  the hidden states advance through the layers themselves; the L1 change of attention rows
+  from Δ = 0 per layer and per context length, with and without the first column, in
+  fp32 and bf16, with global positions and with the first (anchor) token held at 0.
+- Side finding (`angle_rounding`): lcjax's `rope_cos_sin` forms `float32(pos) * inv_freq`
+  in fp32, whose rounding step grows with the angle (2^-5 rad at angles in [2^18, 2^19)).
+- `bf16_rope_evaluation`: all of it for one checkpoint, as `eval/bf16_rope.json`, a figure
+  and metric lines; `final_evaluations` runs it when `eval.bf16_rope.enabled`. The study is
+  configs/bf16_rope.py, run by scripts/sweep.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lcjax.attention import MaskSpec
+from lcjax.data import make_eval_documents
+from lcjax.eval.io import write_json
+from lcjax.eval.plots import _save
+from lcjax.models.transformer import layer_rope
+from lcjax.positional.rope import apply_rope, compute_inv_freq, rope_cos_sin
+
+__all__ = [
+  "ROTATIONS",
+  "angle_rounding",
+  "attention_probs",
+  "bf16_rope_evaluation",
+  "exact_angle_cos_sin",
+  "format_tables",
+  "hf_bf16_rope",
+  "kernel_shift_study",
+  "model_shift_study",
+  "plot_bf16_rope",
+  "rotate",
+]
+
+# fp32: lcjax's rope_cos_sin + apply_rope on float32 q/k. fp32_exact_angles: the same with
+# angles formed in float64 and reduced mod 2π before the fp32 cos/sin (no angle rounding).
+# hf_bf16: transformers' bf16 path (cos/sin cast to bf16, bf16 ops). lcjax_bf16: apply_rope
+# on bf16 q/k (fp32 rotation, then one cast), what lcjax's models do in bf16.
+ROTATIONS = ("fp32", "fp32_exact_angles", "hf_bf16", "lcjax_bf16")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _bf16_round(x: jax.Array) -> jax.Array:
+  """Rounds float32 `x` to the nearest bf16 value (ties to even), kept as float32.
+
+  An explicit op: XLA may keep a fused chain of bf16 elementwise ops in fp32
+  (`xla_allow_excess_precision`), which would hide the per-op rounding torch does.
+  """
+  return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+
+
+def hf_bf16_rope(x_BTHD: jax.Array, cos_BTK: jax.Array, sin_BTK: jax.Array) -> jax.Array:
+  """HF-style RoPE under bf16: returns float32 values that are all bf16 numbers.
+
+  An independent transcription of transformers' Llama path (`models/llama/modeling_llama.py`,
+  as shipped in haonan3/AnchorContext `anchor_context/library_modified_files/modified_files/
+  my_modeling_llama.py`): `LlamaRotaryEmbedding.forward` forms the angles and cos/sin in fp32
+  (autocast disabled, transformers PR #29285) and returns `cos.to(dtype=x.dtype)`, i.e. bf16
+  (lines 164-185); `apply_rotary_pos_emb` computes `q * cos + rotate_half(q) * sin` with
+  `cos = cat(cos_K, cos_K)` and `rotate_half(x) = cat(-x[D/2:], x[:D/2])` (lines 294-325), three
+  bf16 ops, each rounded to bf16. `x_BTHD` is cast to bf16 first (a bf16 model's activations).
+  """
+  x_BTHD = x_BTHD.astype(jnp.bfloat16).astype(jnp.float32)
+  half = x_BTHD.shape[-1] // 2
+  cos_BT1D = _bf16_round(jnp.concatenate([cos_BTK, cos_BTK], axis=-1))[..., None, :]
+  sin_BT1D = _bf16_round(jnp.concatenate([sin_BTK, sin_BTK], axis=-1))[..., None, :]
+  rotated_BTHD = jnp.concatenate([-x_BTHD[..., half:], x_BTHD[..., :half]], axis=-1)
+  return _bf16_round(_bf16_round(x_BTHD * cos_BT1D) + _bf16_round(rotated_BTHD * sin_BT1D))
+
+
+def exact_angle_cos_sin(
+  inv_freq_K: Any, positions_BT: Any, attention_factor: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+  """`rope_cos_sin` with angles formed in float64 on the host and reduced mod 2π (fp32 out).
+
+  Same frequencies (lcjax's float32 `inv_freq`), no rounding of `pos * inv_freq`: the
+  reference for the side finding that fp32 angles lose precision at large positions.
+  """
+  inv_freq_K = np.asarray(inv_freq_K, np.float64)
+  angles_BTK = np.asarray(positions_BT, np.float64)[..., None] * inv_freq_K
+  angles_BTK = np.mod(angles_BTK, 2 * np.pi).astype(np.float32)
+  factor = np.float32(attention_factor)
+  return jnp.cos(angles_BTK) * factor, jnp.sin(angles_BTK) * factor
+
+
+def rotate(x_ND: Any, positions_N: Any, path: str, inv_freq_K: Any) -> jax.Array:
+  """Rotates vectors `x_ND` at `positions_N` by the rotation path `path` (see `ROTATIONS`).
+
+  Returns float32 [N, D]; for the bf16 paths every value is a bf16 number.
+  """
+  if path not in ROTATIONS:
+    raise ValueError(f"rotation path {path!r} is unknown; choose one of {', '.join(ROTATIONS)}")
+  x_ND = jnp.asarray(x_ND, jnp.float32)
+  positions_1N = np.asarray(positions_N)[None]
+  if path == "fp32_exact_angles":
+    cos_1NK, sin_1NK = exact_angle_cos_sin(inv_freq_K, positions_1N)
+    return _rotate_jit(x_ND, cos_1NK, sin_1NK, path)
+  return _rotate_jit(x_ND, jnp.asarray(positions_1N, jnp.int32), jnp.asarray(inv_freq_K), path)
+
+
+@jax.jit(static_argnames="path")
+def _rotate_jit(x_ND, a, b, path):
+  """Rotation by `path`: (a, b) are (cos, sin) for fp32_exact_angles, else (positions,
+  inv_freq), from which lcjax's `rope_cos_sin` forms the tables (in one compiled program)."""
+  cos_1NK, sin_1NK = (a, b) if path == "fp32_exact_angles" else rope_cos_sin(b, 1.0, a)
+  x_1N1D = x_ND[None, :, None, :]
+  if path == "hf_bf16":
+    out_1N1D = hf_bf16_rope(x_1N1D, cos_1NK, sin_1NK)
+  elif path == "lcjax_bf16":
+    out_1N1D = apply_rope(x_1N1D.astype(jnp.bfloat16), cos_1NK, sin_1NK)
+  else:
+    out_1N1D = apply_rope(x_1N1D, cos_1NK, sin_1NK)
+  return out_1N1D[0, :, 0].astype(jnp.float32)
+
+
+def _rotate64(x_ND: np.ndarray, positions_N: np.ndarray, inv_freq_K: np.ndarray) -> np.ndarray:
+  """Exact (float64) half-split RoPE, to build sink keys with a known logit."""
+  angles_NK = positions_N[:, None].astype(np.float64) * inv_freq_K
+  cos_NK, sin_NK = np.cos(angles_NK), np.sin(angles_NK)
+  half = x_ND.shape[-1] // 2
+  x1, x2 = x_ND[:, :half], x_ND[:, half:]
+  return np.concatenate([x1 * cos_NK - x2 * sin_NK, x2 * cos_NK + x1 * sin_NK], axis=-1)
+
+
+def _kernel_scores(path, delta, keys_LD, q_RD, q_pos_R, sink_RD, inv_freq_K):
+  """Logits [R, L] (float64) of queries at q_pos_R + Δ over keys at arange(L) + Δ, and [R]
+  the logit of each row's sink key `sink_RD[r]` at position Δ (instead of keys_LD[0])."""
+  R, L = q_RD.shape[0], keys_LD.shape[0]
+  scale = 1.0 / math.sqrt(q_RD.shape[-1])
+  positions = np.concatenate([q_pos_R, np.arange(L), np.zeros(R, np.int64)]) + delta
+  rotated = rotate(np.concatenate([q_RD, keys_LD, sink_RD]), positions, path, inv_freq_K)
+  q_RD, k_LD, first_RD = np.split(np.asarray(rotated, np.float64), [R, R + L])
+  sink_R = np.einsum("rd,rd->r", q_RD, first_RD) * scale
+  return q_RD @ k_LD.T * scale, sink_R
+
+
+def _softmax64(s_RL: np.ndarray) -> np.ndarray:
+  p_RL = np.exp(s_RL - s_RL.max(axis=-1, keepdims=True))
+  return p_RL / p_RL.sum(axis=-1, keepdims=True)
+
+
+def kernel_shift_study(
+  *,
+  head_dim: int = 128,
+  rope_theta: float = 10000.0,
+  logit_deltas: Sequence[int] = (1, 16, 256, 4096, 65536, 524288),
+  logit_pairs: int = 4096,
+  max_distance: int = 2048,
+  lengths: Sequence[int] = (1024, 8192, 32768),
+  softmax_deltas: Sequence[int] = (1, 4096, 65536),
+  rows: int = 32,
+  sink_logit: float = 12.0,
+  paths: Sequence[str] = ROTATIONS,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """Random q, k under a shift of every position by Δ, per rotation path (`ROTATIONS`).
+
+  Logits: `logit_pairs` pairs of iid N(0, 1) vectors (`head_dim`), keys at positions
+  n ~ U[0, max_distance), queries at n + d with d ~ U[0, max_distance); the mean over pairs
+  of |logit(m + Δ, n + Δ) - logit(m, n)|, logit = q·k / sqrt(head_dim).
+  Softmax: for each L in `lengths`, `rows` query rows at position L - 1 over L keys at
+  positions 0..L-1 (iid N(0, 1)); with a sink, key 0 of each row is set so that its exact
+  logit is `sink_logit` (the row's query direction, rotated in float64). Returns per path,
+  per L, per Δ in `softmax_deltas` the mean over rows of the L1 change Σ_j |p_j(Δ) - p_j(0)|,
+  over all keys (`l1`) and over keys j >= 1 (`l1_nofirst`), and the sink's mass p_0.
+  The rotation is done by each path in JAX; logits and softmax in float64 on the host.
+
+  Returns:
+    dict(settings..., logit={path: [mean |Δlogit| per Δ]}, softmax={"sink"|"nosink":
+    {path: {"l1"|"l1_nofirst": [[per Δ] per L]}}}, sink_mass=[per L]).
+  """
+  for name, values in (("logit_deltas", logit_deltas), ("softmax_deltas", softmax_deltas)):
+    if any(int(v) < 0 for v in values):
+      raise ValueError(f"{name} must be shifts >= 0, got {list(values)}")
+  if any(int(n) < 2 for n in lengths):
+    raise ValueError(f"lengths must be >= 2 keys (a first key and others), got {list(lengths)}")
+  rope = {"rope_type": "default", "rope_theta": float(rope_theta)}
+  inv_freq_K, _ = compute_inv_freq(rope, head_dim)
+  inv_freq64_K = np.asarray(inv_freq_K, np.float64)
+  rng = np.random.default_rng(seed)
+  scale = 1.0 / math.sqrt(head_dim)
+
+  q_PD = rng.standard_normal((logit_pairs, head_dim)).astype(np.float32)
+  k_PD = rng.standard_normal((logit_pairs, head_dim)).astype(np.float32)
+  n_P = rng.integers(0, max_distance, logit_pairs)
+  m_P = n_P + rng.integers(0, max_distance, logit_pairs)
+
+  def pair_logits(path, delta):
+    both = rotate(
+      np.concatenate([q_PD, k_PD]), np.concatenate([m_P, n_P]) + delta, path, inv_freq_K
+    )
+    q, k = np.split(np.asarray(both, np.float64), 2)
+    return np.einsum("pd,pd->p", q, k) * scale
+
+  logit = {}
+  for path in paths:
+    base_P = pair_logits(path, 0)
+    logit[path] = [float(np.mean(np.abs(pair_logits(path, d) - base_P))) for d in logit_deltas]
+
+  softmax = {kind: {p: {"l1": [], "l1_nofirst": []} for p in paths} for kind in ("sink", "nosink")}
+  sink_mass = []
+  for length in lengths:
+    keys_LD = rng.standard_normal((length, head_dim)).astype(np.float32)
+    q_RD = rng.standard_normal((rows, head_dim)).astype(np.float32)
+    q_pos_R = np.full(rows, length - 1)
+    q64_RD = _rotate64(q_RD.astype(np.float64), q_pos_R, inv_freq64_K)
+    # Exact logit sink_logit at Δ = 0: k_0 = s·sqrt(D)·R(m)q / |q|² (R(0) is the identity).
+    sink_RD = sink_logit * math.sqrt(head_dim) * q64_RD / np.sum(q64_RD**2, -1, keepdims=True)
+    sink_RD = sink_RD.astype(np.float32)
+
+    for path in paths:
+      base, change = None, {"sink": [], "nosink": []}
+      for delta in (0, *softmax_deltas):
+        s_RL, sink_R = _kernel_scores(path, delta, keys_LD, q_RD, q_pos_R, sink_RD, inv_freq_K)
+        probs = {"nosink": _softmax64(s_RL)}
+        s_RL[:, 0] = sink_R
+        probs["sink"] = _softmax64(s_RL)
+        if base is None:
+          base = probs
+          if path == paths[0]:
+            sink_mass.append(float(probs["sink"][:, 0].mean()))
+          continue
+        for kind in change:
+          change[kind].append(np.abs(probs[kind] - base[kind]))
+      for kind in ("sink", "nosink"):
+        diffs = change[kind]
+        softmax[kind][path]["l1"].append([float(c.sum(-1).mean()) for c in diffs])
+        softmax[kind][path]["l1_nofirst"].append([float(c[:, 1:].sum(-1).mean()) for c in diffs])
+  return dict(
+    head_dim=head_dim,
+    rope_theta=float(rope_theta),
+    logit_deltas=[int(d) for d in logit_deltas],
+    logit_pairs=logit_pairs,
+    max_distance=max_distance,
+    lengths=[int(n) for n in lengths],
+    softmax_deltas=[int(d) for d in softmax_deltas],
+    rows=rows,
+    sink_logit=float(sink_logit),
+    seed=seed,
+    logit=logit,
+    softmax=softmax,
+    sink_mass=sink_mass,
+  )
+
+
+def angle_rounding(
+  *,
+  head_dim: int = 128,
+  rope_theta: float = 10000.0,
+  starts: Sequence[int] = (4096, 65536, 262144, 524288),
+  span: int = 2048,
+) -> dict[str, Any]:
+  """How far lcjax's fp32 RoPE angles and tables are from exact, at positions [start, start+span).
+
+  `rope_cos_sin` forms `float32(pos) * inv_freq` in fp32: the product is rounded to the fp32
+  grid of the angle (spacing 2^(e-23) for angles in [2^e, 2^(e+1))), and the error depends
+  on the absolute position, so it breaks relative invariance even in fp32. Per start:
+  `product_rounding`, the largest |fp32 angle - float64 angle| with the same float32
+  inv_freq (what rope_cos_sin's product loses); `table_error`, the largest angle error of
+  rope_cos_sin's cos/sin tables themselves (atan2 of the tables against the float64 angle,
+  wrapped to (-π, π]), which adds the fp32 cos/sin range reduction; `inv_freq_rounding`, the
+  largest |float64(float32 inv_freq) - exact inv_freq| × position, a consistent change of
+  frequency that keeps relative invariance. All in radians.
+  """
+  inv_freq_K, _ = compute_inv_freq({"rope_type": "default", "rope_theta": rope_theta}, head_dim)
+  inv64_K = np.asarray(inv_freq_K, np.float64)
+  exact_K = 1.0 / (float(rope_theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  out = {"starts": [int(s) for s in starts], "span": span}
+  for key in ("product_rounding", "table_error", "inv_freq_rounding"):
+    out[key] = []
+  for start in starts:
+    pos_T = np.arange(start, start + span)
+    angle32_TK = np.asarray(jnp.asarray(pos_T, jnp.float32)[:, None] * inv_freq_K, np.float64)
+    angle64_TK = pos_T[:, None].astype(np.float64) * inv64_K
+    cos_1TK, sin_1TK = rope_cos_sin(inv_freq_K, 1.0, jnp.asarray(pos_T[None], jnp.int32))
+    table_TK = np.arctan2(np.asarray(sin_1TK[0], np.float64), np.asarray(cos_1TK[0], np.float64))
+    wrapped_TK = np.angle(np.exp(1j * (table_TK - angle64_TK)))
+    out["product_rounding"].append(float(np.abs(angle32_TK - angle64_TK).max()))
+    out["table_error"].append(float(np.abs(wrapped_TK).max()))
+    out["inv_freq_rounding"].append(float((np.abs(inv64_K - exact_K) * pos_T[-1]).max()))
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Model level.
+
+
+def attention_probs(
+  model,
+  tokens_BT: jax.Array,
+  positions_BT: jax.Array,
+  *,
+  rows_R: jax.Array | None = None,
+  segment_ids_BT: jax.Array | None = None,
+  rope=None,
+) -> list[jax.Array | None]:
+  """Per layer, the attention probabilities [B, H, R, T] float32 of a `DecoderLM`'s forward.
+
+  Each layer's q and k are recomputed from its own modules exactly as
+  `lcjax.models.transformer.Attention` computes them (q_proj/k_proj in the model's dtype,
+  `apply_rope` with the model's `rope_tables`, the eabf query scale when the layer applies
+  it); the scores are q·k / sqrt(head_dim) in fp32 at HIGHEST precision (as the reference
+  attention), masked as the layer masks them (causal, document with `segment_ids_BT`, the
+  anchor with `model.anchor`, the layer type's window/sinks). The hidden states advance
+  through the layers themselves, so the next layer's input is the model's own. Only the
+  query rows `rows_R` (default all) are returned; mamba2 layers give None. `rope` replaces
+  the model's RoPE tables (`RopeTables`), e.g. with exactly computed angles.
+  """
+  B, T = tokens_BT.shape
+  if rope is None:
+    rope = model.rope_tables(positions_BT)
+  index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  rows_R = jnp.arange(T, dtype=jnp.int32) if rows_R is None else jnp.asarray(rows_R, jnp.int32)
+  rows_BR = jnp.broadcast_to(rows_R, (B, rows_R.shape[0]))
+  x_BTD = model.embed_tokens(tokens_BT)
+  probs = []
+  for i in range(len(model.layer_kinds)):
+    layer = model.layer(i)
+    rope_i = layer_rope(rope, model._layer_scaled(i))
+    if layer.self_attn is None:
+      probs.append(None)
+    else:
+      mask = MaskSpec(
+        causal=True,
+        document=segment_ids_BT is not None,
+        anchor=model.anchor,
+        **dict(layer.mask_fields),
+      )
+      seg_BR = None if segment_ids_BT is None else jnp.take_along_axis(segment_ids_BT, rows_BR, 1)
+      h_BTD = layer.input_layernorm(x_BTD)
+      probs.append(
+        _layer_probs(
+          layer.self_attn, h_BTD, rope_i, mask, rows_BR, index_BT, seg_BR, segment_ids_BT
+        )
+      )
+    x_BTD = layer(
+      x_BTD,
+      rope_i,
+      anchor=model.anchor,
+      segment_ids_BT=segment_ids_BT,
+      q_index_BT=None,
+      cache=None,
+      cache_index=0,
+    )[0]
+  return probs
+
+
+def _layer_probs(attn, h_BTD, rope, mask, rows_BR, index_BT, seg_BR, seg_BT):
+  """Probabilities [B, H, R, T] of one `Attention` module on its normed input `h_BTD`."""
+  B, T, _ = h_BTD.shape
+  H, K, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+  q_BTHD = apply_rope(attn.q_proj(h_BTD).reshape(B, T, H, D), rope.cos_BTK, rope.sin_BTK)
+  k_BTKD = apply_rope(attn.k_proj(h_BTD).reshape(B, T, K, D), rope.cos_BTK, rope.sin_BTK)
+  if rope.q_scale_BT is not None:
+    q_BTHD = (q_BTHD * rope.q_scale_BT[:, :, None, None]).astype(q_BTHD.dtype)
+  q_BRHD = jnp.take_along_axis(q_BTHD, rows_BR[:, :, None, None], axis=1)
+  q_BRKGD = q_BRHD.astype(jnp.float32).reshape(B, -1, K, H // K, D)
+  s_BKGRT = jnp.einsum(
+    "brkgd,btkd->bkgrt", q_BRKGD, k_BTKD.astype(jnp.float32), precision=_HIGHEST
+  ) / math.sqrt(D)
+  allowed = mask.dense(rows_BR, index_BT, seg_BR, seg_BT, num_kv_heads=K)
+  allowed = allowed[:, :, None] if mask.per_head else allowed[:, None, None]
+  p_BKGRT = jax.nn.softmax(jnp.where(allowed, s_BKGRT, -jnp.inf), axis=-1)
+  return p_BKGRT.reshape(B, H, -1, T)
+
+
+def _context_rows(length: int, contexts: Sequence[int], per_context: int):
+  """Query rows for each context c: `per_context` rows spread over [c/2, c) (c/2 >= 1)."""
+  rows, window = [], []
+  for w, c in enumerate(contexts):
+    if not 2 <= c <= length:
+      raise ValueError(f"contexts must lie in [2, length={length}], got {list(contexts)}")
+    picked = np.unique(np.linspace(c // 2, c - 1, per_context).round().astype(np.int64))
+    rows.append(picked)
+    window.append(np.full(picked.shape, w))
+  return np.concatenate(rows), np.concatenate(window)
+
+
+def _shifted(length: int, delta: int, scheme: str) -> np.ndarray:
+  """Positions [1, T]: arange(T) + Δ; under `anchor` the first (anchor) token stays at 0."""
+  positions_1T = (np.arange(length, dtype=np.int64) + delta)[None]
+  if scheme == "anchor":
+    positions_1T[:, 0] = 0
+  if positions_1T.max() >= 2**31:
+    raise ValueError(f"shift {delta} puts positions past int32; use shifts below 2^31 - {length}")
+  return positions_1T.astype(np.int32)
+
+
+# Model variants of the model-level study: (model dtype, exactly computed RoPE angles).
+MODEL_VARIANTS = {
+  "fp32": ("float32", False),
+  "bf16": ("bfloat16", False),
+  "fp32_exact_angles": ("float32", True),
+}
+
+
+def model_shift_study(
+  make_model,
+  tokens_T: np.ndarray,
+  *,
+  deltas: Sequence[int] = (1, 256, 4096, 65536),
+  contexts: Sequence[int] = (256, 512, 1024, 2048, 4096),
+  rows_per_context: int = 32,
+  schemes: Sequence[str] = ("global", "anchor"),
+  variants: Sequence[str] = ("fp32", "bf16", "fp32_exact_angles"),
+) -> dict[str, Any]:
+  """Per layer, the L1 change of a model's attention rows when positions shift by Δ.
+
+  `make_model(dtype)` returns the `DecoderLM` to measure in `dtype` ("float32" or
+  "bfloat16"). Positions are arange(T) + Δ over the T tokens of `tokens_T` (`global`), or
+  the same with the first token held at position 0 (`anchor`: AnchorAttention's shared
+  anchor, haonan3/AnchorContext `train.py`, whose FlexAttention path keeps global positions).
+  On one document the anchor mask (`MaskSpec(anchor=True)`: key 0 visible to every query)
+  equals the causal mask, so both schemes run the same model. For each context c in
+  `contexts`, `rows_per_context` query rows in [c/2, c) stand for a context of about c
+  tokens (a causal row sees only its prefix). Per scheme, variant (`MODEL_VARIANTS`), Δ,
+  layer and context: the mean over heads and rows of Σ_t |A_Δ - A_0| (`l1`), the same over
+  columns t >= 1 (`l1_nofirst`), and for bf16 the L1 distance from fp32 at the same Δ
+  (`l1_vs_fp32`); per layer and context the first column's mass at Δ = 0 (`first_mass`).
+  Variant `fp32_exact_angles` feeds the fp32 model RoPE tables whose angles are computed in
+  float64 (`exact_angle_cos_sin`), to separate lcjax's fp32 angle rounding from the rest.
+  """
+  length = int(np.asarray(tokens_T).shape[0])
+  for v in variants:
+    if v not in MODEL_VARIANTS:
+      raise ValueError(f"variant {v!r} is unknown; choose from {', '.join(MODEL_VARIANTS)}")
+  for s in schemes:
+    if s not in ("global", "anchor"):
+      raise ValueError(f"scheme {s!r} is unknown; choose global or anchor")
+  if any(int(d) <= 0 for d in deltas):
+    raise ValueError(f"deltas must be shifts > 0 (Δ = 0 is the reference), got {list(deltas)}")
+  rows_R, window_R = _context_rows(length, contexts, rows_per_context)
+  tokens_1T = jnp.asarray(np.asarray(tokens_T, np.int32)[None])
+  models = {dtype: make_model(dtype) for dtype in {MODEL_VARIANTS[v][0] for v in variants}}
+
+  @nnx.jit
+  def probs_fn(model, positions_1T, rope):
+    return attention_probs(model, tokens_1T, positions_1T, rows_R=jnp.asarray(rows_R), rope=rope)
+
+  def run(variant, positions_1T):
+    dtype, exact = MODEL_VARIANTS[variant]
+    model = models[dtype]
+    rope = model.rope_tables(jnp.asarray(positions_1T))  # eager: one compile for all tables
+    if exact:
+      seq_len = int(positions_1T.max()) + 1
+      inv_freq_K, factor = compute_inv_freq(model.rope_parameters, model.head_dim, seq_len=seq_len)
+      cos_1TK, sin_1TK = exact_angle_cos_sin(inv_freq_K, positions_1T, factor)
+      rope = rope._replace(cos_BTK=cos_1TK, sin_BTK=sin_1TK)
+    probs = probs_fn(model, jnp.asarray(positions_1T), rope)
+    return [np.asarray(p[0]) for p in probs if p is not None]  # [H, R, T] per attention layer
+
+  def per_window(x_LR: np.ndarray) -> list[list[float]]:
+    """[layer][context] means of per-row values."""
+    return [[float(x_R[window_R == w].mean()) for w in range(len(contexts))] for x_R in x_LR]
+
+  results: dict[str, Any] = {}
+  for scheme in schemes:
+    names = [v for v in variants if scheme == "global" or not MODEL_VARIANTS[v][1]]
+    base = {v: run(v, _shifted(length, 0, scheme)) for v in names}
+    for v in names:
+      first = np.stack([p[:, :, 0].mean(0) for p in base[v]])
+      results[f"{scheme}/{v}"] = {"first_mass": per_window(first), "l1": [], "l1_nofirst": []}
+    compare = "bf16" in names and "fp32" in names
+    if compare:
+      results[f"{scheme}/bf16"]["l1_vs_fp32"] = []
+    for delta in deltas:
+      shifted = {v: run(v, _shifted(length, delta, scheme)) for v in names}
+      for v in names:
+        diff = [np.abs(a - b) for a, b in zip(shifted[v], base[v], strict=True)]
+        entry = results[f"{scheme}/{v}"]
+        entry["l1"].append(per_window(np.stack([d.sum(-1).mean(0) for d in diff])))
+        entry["l1_nofirst"].append(per_window(np.stack([d[..., 1:].sum(-1).mean(0) for d in diff])))
+      if compare:
+        pairs = zip(shifted["bf16"], shifted["fp32"], strict=True)
+        gap = np.stack([np.abs(a - b).sum(-1).mean(0) for a, b in pairs])
+        results[f"{scheme}/bf16"]["l1_vs_fp32"].append(per_window(gap))
+  return dict(
+    length=length,
+    deltas=[int(d) for d in deltas],
+    contexts=[int(c) for c in contexts],
+    rows_per_context=rows_per_context,
+    layers=len(next(iter(results.values()))["first_mass"]),
+    results=results,
+  )
+
+
+# ------------------------------------------------------------------------------------------------
+# The study: one checkpoint, all measurements, tables, JSON, figure.
+
+
+def _plain(value: Any) -> Any:
+  return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
+def _at(values: Sequence, keys: Sequence, key) -> Any:
+  """values[i] where keys[i] == key, else the last value (the largest setting)."""
+  keys = list(keys)
+  return values[keys.index(key)] if key in keys else values[-1]
+
+
+def _used(deltas: Sequence[int], delta: int) -> int:
+  """The shift the by-length tables report: `delta` when measured, else the largest."""
+  return _at(deltas, deltas, delta)
+
+
+def acceptance_checks(summary: dict) -> dict[str, Any]:
+  """The study's claims as numbers (notes/studies.md §5 and issue #12).
+
+  fp32_max_logit_upto_65536: the kernel-level fp32 mean |Δlogit| at its worst Δ <= 65,536
+  (claim: < 1e-4), also with exact angles; bf16_over_fp32: the model-level bf16 / fp32 L1
+  ratio at each Δ (longest context, mean over layers; claim: >= 10); bf16_growth_with_context:
+  model bf16 L1 at the longest over the shortest context, all columns, without the first, and
+  the bf16 - fp32 gap at the same Δ (claims: > 1 with the first column, flat without it; under
+  `anchor` the gap is the precision part, as the fp32 rows change too: the anchor's distance
+  to every query changes); kernel_growth_with_length: the same ratio over L for the kernel
+  softmax rows of lcjax_bf16 with and without a sink.
+  """
+  kernel, model = summary["kernel"], summary.get("model")
+  checks: dict[str, Any] = {}
+  deltas = kernel["logit_deltas"]
+  upto = [i for i, d in enumerate(deltas) if 0 < d <= 65536]
+  for path in ("fp32", "fp32_exact_angles"):
+    if path in kernel["logit"] and upto:
+      checks[f"{path}_max_logit_upto_65536"] = max(kernel["logit"][path][i] for i in upto)
+  soft = kernel["softmax"]
+  sd = summary["summary_delta"]
+  for kind in ("sink", "nosink"):
+    if "lcjax_bf16" in soft[kind]:
+      per_length = [
+        _at(row, kernel["softmax_deltas"], sd) for row in soft[kind]["lcjax_bf16"]["l1"]
+      ]
+      checks[f"kernel_growth_with_length_{kind}"] = per_length[-1] / per_length[0]
+  if model is not None:
+    res = model["results"]
+    if "global/bf16" in res and "global/fp32" in res:
+      bf16 = [np.mean([layer[-1] for layer in d]) for d in res["global/bf16"]["l1"]]
+      fp32 = [np.mean([layer[-1] for layer in d]) for d in res["global/fp32"]["l1"]]
+      checks["bf16_over_fp32"] = {
+        str(d): float(b / f) for d, b, f in zip(model["deltas"], bf16, fp32, strict=True)
+      }
+    for scheme in ("global", "anchor"):
+      if f"{scheme}/bf16" in res:
+        entry = res[f"{scheme}/bf16"]
+        for key in ("l1", "l1_nofirst", "l1_vs_fp32"):
+          if key in entry:
+            per_ctx = np.mean(_at(entry[key], model["deltas"], sd), axis=0)
+            checks[f"bf16_growth_with_context_{scheme}_{key}"] = float(per_ctx[-1] / per_ctx[0])
+  return checks
+
+
+def _row(name: str, values: Sequence[float], width: int = 11) -> str:
+  return f"{name:<34}" + "".join(f"{v:>{width}.2e}" for v in values)
+
+
+def _head(name: str, labels: Sequence, width: int = 11) -> str:
+  line = f"{name:<34}" + "".join(f"{str(x):>{width}}" for x in labels)
+  return line + "\n" + "-" * len(line)
+
+
+def format_tables(summary: dict) -> str:
+  """The study's tables as text (what `bf16_rope_evaluation` prints)."""
+  kernel, sd = summary["kernel"], summary["summary_delta"]
+  out = [
+    f"kernel: mean |Δlogit| under a shift Δ (head_dim {kernel['head_dim']}, "
+    f"{kernel['logit_pairs']} pairs, distances < {kernel['max_distance']})",
+    _head("rotation \\ Δ", kernel["logit_deltas"]),
+  ]
+  out += [_row(p, v) for p, v in kernel["logit"].items()]
+  out += [
+    "",
+    f"kernel: L1 change of softmax rows at Δ={_used(kernel['softmax_deltas'], sd)}"
+    f" over L keys ({kernel['rows']} rows; sink logit {kernel['sink_logit']:g})",
+    _head("rotation \\ L", kernel["lengths"]),
+  ]
+  for kind in ("sink", "nosink"):
+    for path, entry in kernel["softmax"][kind].items():
+      out.append(
+        _row(f"{path} {kind}", [_at(r, kernel["softmax_deltas"], sd) for r in entry["l1"]])
+      )
+      if kind == "sink":
+        nofirst = [_at(r, kernel["softmax_deltas"], sd) for r in entry["l1_nofirst"]]
+        out.append(_row(f"{path} sink, keys>=1", nofirst))
+  out.append(_row("sink mass p_0", kernel["sink_mass"]))
+  angles = summary["angles"]
+  out += ["", "fp32 RoPE angles: largest error (rad) at positions [start, start + span)"]
+  out.append(_head("start", ("product", "tables", "inv_freq"), 12))
+  for i, start in enumerate(angles["starts"]):
+    values = [angles[k][i] for k in ("product_rounding", "table_error", "inv_freq_rounding")]
+    out.append(_row(str(start), values, 12))
+  model = summary.get("model")
+  if model is not None:
+    res, contexts = model["results"], model["contexts"]
+    out += [
+      "",
+      f"model: L1 change of attention rows from Δ=0 (mean over {model['layers']} layers; rows "
+      f"near {contexts[-1]} tokens; file {model.get('file', '?')})",
+      _head("scheme/variant \\ Δ", model["deltas"]),
+    ]
+    for name, entry in res.items():
+      for key, tag in (("l1", ""), ("l1_nofirst", " -col0")):
+        out.append(_row(name + tag, [np.mean([layer[-1] for layer in d]) for d in entry[key]]))
+      if "l1_vs_fp32" in entry:
+        gap = [np.mean([layer[-1] for layer in d]) for d in entry["l1_vs_fp32"]]
+        out.append(_row(name + " vs fp32", gap))
+    d = _used(model["deltas"], sd)
+    out += ["", f"model: L1 change at Δ={d} by context (mean over layers)"]
+    out.append(_head("scheme/variant \\ context", contexts))
+    for name, entry in res.items():
+      for key, tag in (("l1", ""), ("l1_nofirst", " -col0")):
+        out.append(_row(name + tag, np.mean(_at(entry[key], model["deltas"], sd), axis=0)))
+      if "l1_vs_fp32" in entry:
+        gap = np.mean(_at(entry["l1_vs_fp32"], model["deltas"], sd), axis=0)
+        out.append(_row(name + " vs fp32", gap))
+    out += ["", f"model: per layer at Δ={d}, rows near {contexts[-1]} tokens"]
+    out.append(_head("scheme/variant \\ layer", range(model["layers"])))
+    for name, entry in res.items():
+      out.append(_row(name, [layer[-1] for layer in _at(entry["l1"], model["deltas"], sd)]))
+      out.append(_row(name + " col0 mass", [layer[-1] for layer in entry["first_mass"]]))
+  checks = summary.get("checks", {})
+  if checks:
+    out += ["", "checks: " + ", ".join(f"{k}={_fmt(v)}" for k, v in checks.items())]
+  return "\n".join(out)
+
+
+def _fmt(value: Any) -> str:
+  if isinstance(value, dict):
+    return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
+  return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def plot_bf16_rope(summary: dict, path: str | os.PathLike) -> str:
+  """Four panels: kernel |Δlogit| vs Δ; kernel softmax L1 vs L; model L1 vs Δ; vs context."""
+  from matplotlib.figure import Figure  # noqa: PLC0415
+
+  kernel, model, sd = summary["kernel"], summary.get("model"), summary["summary_delta"]
+  fig = Figure(figsize=(12, 9) if model else (12, 4.5), layout="constrained")
+  panels = [fig.add_subplot(2 if model else 1, 2, i + 1) for i in range(4 if model else 2)]
+  colors = dict(fp32="C0", fp32_exact_angles="C2", hf_bf16="C3", lcjax_bf16="C1", bf16="C1")
+  ax = panels[0]
+  x = [d for d in kernel["logit_deltas"] if d > 0]
+  for p, values in kernel["logit"].items():
+    y = [v for d, v in zip(kernel["logit_deltas"], values, strict=True) if d > 0]
+    ax.plot(x, y, marker="o", color=colors.get(p), label=p)
+  ax.set(xscale="log", yscale="log", xlabel="shift Δ", ylabel="mean |Δlogit|")
+  ax.set_title(f"kernel: random q, k (d={kernel['head_dim']})")
+  ax = panels[1]
+  for kind, style in (("sink", "-"), ("nosink", "--")):
+    for p, entry in kernel["softmax"][kind].items():
+      y = [_at(r, kernel["softmax_deltas"], sd) for r in entry["l1"]]
+      ax.plot(kernel["lengths"], y, style, marker="o", color=colors.get(p), label=f"{p} {kind}")
+  ax.set(xscale="log", yscale="log", xlabel="keys L", ylabel="L1 change of softmax row")
+  ax.set_xticks(kernel["lengths"], [str(n) for n in kernel["lengths"]])
+  ax.set_title(f"kernel: softmax rows, Δ={_used(kernel['softmax_deltas'], sd)} (-- no sink)")
+  if model:
+    res = model["results"]
+    ax = panels[2]
+    for name, entry in res.items():
+      variant = name.split("/")[1]
+      style = "-" if name.startswith("global") else ":"
+      y = [np.mean([layer[-1] for layer in d]) for d in entry["l1"]]
+      ax.plot(model["deltas"], y, style, marker="o", color=colors.get(variant), label=name)
+      if variant == "bf16":
+        y = [np.mean([layer[-1] for layer in d]) for d in entry["l1_nofirst"]]
+        ax.plot(model["deltas"], y, style, marker="x", color="C4", label=name + " w/o col 0")
+    ax.set(xscale="log", yscale="log", xlabel="shift Δ", ylabel="L1 change of attention row")
+    ax.set_title(f"model: rows near {model['contexts'][-1]} tokens, mean over layers")
+    ax = panels[3]
+    for name, entry in res.items():
+      variant = name.split("/")[1]
+      style = "-" if name.startswith("global") else ":"
+      for key, marker in (("l1", "o"), ("l1_nofirst", "x")):
+        y = np.mean(_at(entry[key], model["deltas"], sd), axis=0)
+        label = name + ("" if key == "l1" else " w/o col 0")
+        ax.plot(model["contexts"], y, style, marker=marker, color=colors.get(variant), label=label)
+      if "l1_vs_fp32" in entry:
+        y = np.mean(_at(entry["l1_vs_fp32"], model["deltas"], sd), axis=0)
+        ax.plot(model["contexts"], y, style, marker="s", color="k", label=f"{name} vs fp32")
+    ax.set(xscale="log", yscale="log", xlabel="context (query position)", ylabel="L1 change")
+    ax.set_xticks(model["contexts"], [str(c) for c in model["contexts"]])
+    ax.minorticks_off()
+    ax.set_title(f"model: Δ={_used(model['deltas'], sd)} by context")
+  for ax in panels:
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle("bf16 RoPE breakdown (Wang et al. 2024, arXiv:2411.13476 §2)")
+  return _save(fig, path)
+
+
+def held_out_tokens(data_config, length: int) -> tuple[np.ndarray, int]:
+  """The first `length` tokens of the first validation document that long, and its index."""
+  for index, doc in enumerate(make_eval_documents(data_config, split="validation")):
+    if doc.shape[0] >= length:
+      return np.asarray(doc[:length], np.int32), index
+  raise ValueError(
+    f"no validation document of data.source has {length} tokens; lower eval.bf16_rope.length"
+  )
+
+
+def bf16_rope_evaluation(
+  settings, params, model_cfg, data_config, workdir, *, model_from_params
+) -> tuple[dict, dict]:
+  """The study on one checkpoint: JSON (`eval/bf16_rope.json`), figure, table, metric lines.
+
+  `model_from_params(params, model_cfg)` builds a model (`lcjax.train.run_model`'s, passed in
+  because lcjax.train imports this module).
+
+  `settings` is the `eval.bf16_rope` section (configs/bf16_rope.py): `kernel` (the
+  arguments of `kernel_shift_study`), `angle_starts`, `length` (tokens of the held-out
+  file), `deltas`, `contexts`, `rows_per_context`, `schemes`, `variants`, `block` (the
+  blockwise attention's block size), `summary_delta` (the Δ of the by-length tables) and
+  `plot` (the figure's path, relative to `workdir`). The model level is skipped when
+  `length` is 0 or the model has no RoPE.
+  """
+  s = _plain(settings)
+  summary: dict[str, Any] = {"summary_delta": int(s["summary_delta"])}
+  kernel_args = _plain(s["kernel"])
+  summary["kernel"] = kernel_shift_study(**kernel_args)
+  summary["angles"] = angle_rounding(
+    head_dim=kernel_args["head_dim"],
+    rope_theta=kernel_args["rope_theta"],
+    starts=tuple(s["angle_starts"]),
+  )
+  if s["length"] and "rope" in model_cfg:
+    tokens_T, index = held_out_tokens(data_config, int(s["length"]))
+
+    def make_model(dtype):
+      cfg = model_cfg.copy_and_resolve_references()
+      cfg.dtype = dtype
+      cfg.anchor = False  # one document: the anchor mask is the causal mask
+      cfg.attention_block_q = cfg.attention_block_kv = int(s["block"])
+      return model_from_params(params, cfg)
+
+    summary["model"] = model_shift_study(
+      make_model,
+      tokens_T,
+      deltas=tuple(s["deltas"]),
+      contexts=tuple(s["contexts"]),
+      rows_per_context=int(s["rows_per_context"]),
+      schemes=tuple(s["schemes"]),
+      variants=tuple(s["variants"]),
+    )
+    summary["model"]["file"] = f"validation document {index}"
+  summary["checks"] = acceptance_checks(summary)
+  write_json(os.path.join(workdir, "eval", "bf16_rope.json"), summary)
+  plot_bf16_rope(summary, os.path.join(workdir, s["plot"]))
+  print(format_tables(summary))
+  return summary, _metric_lines(summary)
+
+
+def _metric_lines(summary: dict) -> dict[str, float]:
+  """eval/bf16_rope/... lines: kernel logits per path and Δ, softmax per L, model per Δ."""
+  kernel, sd = summary["kernel"], summary["summary_delta"]
+  lines = {}
+  for path, values in kernel["logit"].items():
+    for d, v in zip(kernel["logit_deltas"], values, strict=True):
+      lines[f"eval/bf16_rope/logit_{path}@{d}"] = v
+  for kind in ("sink", "nosink"):
+    for path, entry in kernel["softmax"][kind].items():
+      for n, row in zip(kernel["lengths"], entry["l1"], strict=True):
+        lines[f"eval/bf16_rope/softmax_{kind}_{path}@{n}"] = _at(row, kernel["softmax_deltas"], sd)
+  model = summary.get("model")
+  if model:
+    for name, entry in model["results"].items():
+      tag = name.replace("/", "_")
+      for key in ("l1", "l1_nofirst"):
+        for d, per_layer in zip(model["deltas"], entry[key], strict=True):
+          lines[f"eval/bf16_rope/model_{tag}_{key}@{d}"] = float(
+            np.mean([layer[-1] for layer in per_layer])
+          )
+        per_ctx = np.mean(_at(entry[key], model["deltas"], sd), axis=0)
+        for c, v in zip(model["contexts"], per_ctx, strict=True):
+          lines[f"eval/bf16_rope/context_{tag}_{key}@{c}"] = float(v)
+  return lines
