@@ -424,6 +424,8 @@ def shrink_overrides(config, devices: int) -> dict[str, object]:
     o.update(
       {"eval.passkey.lengths": (256,), "eval.passkey.depths": (0.5,), "eval.passkey.trials": 1}
     )
+  if config.eval.get("tasks"):  # scripts/eval.py's RULER tasks: one short length, 2 samples
+    o.update(RULER_SHRINK)
   return o
 
 
@@ -515,10 +517,40 @@ def run_train(ws: Workspace, cmd: Command) -> None:
   _check_run_folder(ws, workdir, full, output)
 
 
+# One NIAH task at a length its template fits with byte tokens and a 16-token answer budget:
+# the command's plumbing (tasks, lengths, outputs); tests/test_ruler.py covers every task.
+RULER_SHRINK = {
+  "eval.tasks": ("niah_single_1",),
+  "eval.lengths": (640,),
+  "eval.ruler.samples": 2,
+  "eval.ruler.batch_size": 2,
+  "eval.ruler.tokens_to_generate": 16,
+}
+
+
+def run_eval_hf(ws: Workspace, cmd: Command, argv: list[str], env: dict[str, str]) -> None:
+  """scripts/eval.py --hf: the config's `smoke` arg (default configs/ruler_eval.py) on the
+  tiny HF folder, without the README's lengths (the smoke config's fit the tiny model)."""
+  if _flag(argv, "config") is None:
+    argv = [*argv[:2], "--config", "configs/ruler_eval.py", *argv[2:]]  # before --config.*
+  argv = _smoke_argv(ws, cmd, argv, "an eval config", "evaluation")
+  if argv is None:
+    return
+  argv = [a for a in argv if not a.startswith("--config.eval.lengths")]
+  full = _python(argv)
+  output = _run(ws, full, env, full)
+  workdir = Path(_flag(argv, "workdir"))
+  if not (workdir / "eval" / "ruler.json").exists() or not list(workdir.glob("plots/niah_*.png")):
+    _fail(ws, "0, but no eval/ruler.json or no plots/niah_*.png", full, output)
+
+
 def run_eval(ws: Workspace, cmd: Command) -> None:
   """scripts/eval.py: shrunk like training; a workdir with no run gets one trained first."""
   argv = ws.substitute(cmd.argv)
   env = _process_env(cmd.env, ws.request.getfixturevalue("compile_cache"))
+  if _flag(argv, "hf") is not None:
+    run_eval_hf(ws, cmd, argv, env)
+    return
   workdir = _flag(argv, "workdir")
   if workdir and not (Path(workdir) / "checkpoints").exists():
     ws.notes.append(f"trained {workdir} first for `{cmd.text}`")
@@ -530,6 +562,8 @@ def run_eval(ws: Workspace, cmd: Command) -> None:
     and not (Path(workdir) / "eval" / "ppl_vs_length.json").exists()
   ):
     _fail(ws, "0, but no eval/ppl_vs_length.json", full, output)
+  if _flag(full, "config.eval.tasks") and not (Path(workdir) / "eval" / "ruler.md").exists():
+    _fail(ws, "0, but no eval/ruler.md", full, output)
 
 
 def _run_in_process(ws: Workspace, argv: list[str]) -> str:

@@ -20,6 +20,7 @@ from lcjax.config import ConfigError, require
 from lcjax.data import default_data_config, validate_data_config
 from lcjax.eval.passkey import PASSKEY_THRESHOLD
 from lcjax.eval.perplexity import PPL_PROTOCOLS
+from lcjax.eval.ruler import EFFECTIVE_THRESHOLD, validate_ruler_config
 from lcjax.interop.safetensors_io import CheckpointError
 from lcjax.models import validate_model
 from lcjax.models.config import head_dim, llama_config, scan_layers_enabled
@@ -81,6 +82,22 @@ def base_config() -> ml_collections.ConfigDict:
     # Mamba-2 SSM-state statistics every `every` positions of a `length`-token passkey prompt
     # (lcjax.eval.state_capacity.state_norm_evaluation): eval/state_norms.json, eval/state_*
     state_norms=dict(enabled=False, length=4096, every=64),
+    # scripts/eval.py's task suite (lcjax.eval.ruler): RULER task names or groups ("ruler",
+    # "niah", "aggregation", ...) at `lengths` tokens; when set, eval.py runs only these.
+    tasks=(),
+    lengths=(),
+    ruler=dict(
+      samples=20,  # per task and length (RULER: 500)
+      seed=ml_collections.config_dict.placeholder(int),  # None: train.seed
+      depths=(),  # NIAH needle depths in % (a grid); empty: RULER's random depths
+      batch_size=8,
+      threshold=EFFECTIVE_THRESHOLD,  # effective length: longest length averaging >= this
+      scoring=("generate", "teacher_forced"),
+      haystack="code",  # RULER's essays -> held-out stdlib files, or a folder of .txt/.md
+      qa_path=ml_collections.config_dict.placeholder(str),  # SQuAD-style JSONL; None: no qa
+      chat_template="base",  # a key of lcjax.eval.ruler_data.MODEL_TEMPLATES
+      tokens_to_generate=0,  # 0: RULER's per task (niah 128, vt 30, cwe 120, fwe 50, qa 32)
+    ),
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)
   c.parallel = dict(context_strategy="ring", layout="zigzag")
@@ -136,6 +153,7 @@ def validate_config(
     f"{', '.join(PPL_PROTOCOLS)}",
   )
   _validate_eval_tasks(config.eval, model_cfg)
+  validate_ruler_config(config.eval)
   validate_data_config(config.data)
   _validate_anchor(config, model_cfg)
   t = config.train
