@@ -6,14 +6,21 @@
       --config.eval.tasks='("ruler","niah")' --config.eval.lengths='(1024,2048,4096)'
   python scripts/eval.py --hf /models/Llama-3.1-8B-Instruct --workdir runs/llama_ruler \
       --config.eval.lengths='(4096,8192)' --config.eval.ruler.chat_template=meta-llama3
+  python scripts/eval.py --config configs/quickstart.py --workdir runs/quickstart \
+      --config.eval.tasks='("longbench",)' --config.eval.longbench.path=data/longbench \
+      --config.eval.longbench.datasets='("hotpotqa",)' --config.eval.longbench.max_len=3500
 
 Without `eval.tasks`, the run config's evaluations (perplexity vs. length, passkey, ...:
-`lcjax.train.evaluate.evaluate_workdir`). With `eval.tasks` (RULER task names or groups:
-"ruler", "niah", "aggregation", ...), those tasks only, at `eval.lengths` tokens
-(`lcjax.eval.ruler_run.evaluate_run`): WORKDIR/eval/ruler.json, WORKDIR/eval/ruler.md and the
-depth × length heatmaps WORKDIR/plots/niah_<task>.png. `--hf PATH` evaluates a Hugging Face
-folder (config.json, safetensors, tokenizer) with its own tokenizer, writing into --workdir;
-its --config defaults to configs/ruler_eval.py (every RULER task at 4K, 8K, 16K).
+`lcjax.train.evaluate.evaluate_workdir`). With `eval.tasks`, those tasks only
+(`lcjax.eval.ruler_run.evaluate_tasks`, one model load):
+- RULER task names or groups ("ruler", "niah", "aggregation", ...) at `eval.lengths` tokens:
+  WORKDIR/eval/ruler.json, WORKDIR/eval/ruler.md and the depth × length heatmaps
+  WORKDIR/plots/niah_<task>.png;
+- "longbench": LongBench on the local JSONL files of `eval.longbench.path` (LongBench's
+  data.zip layout), greedy: WORKDIR/eval/longbench.json and WORKDIR/eval/longbench.md.
+`--hf PATH` evaluates a Hugging Face folder (config.json, safetensors, tokenizer) with its own
+tokenizer, writing into --workdir; its --config defaults to configs/ruler_eval.py (every RULER
+task at 4K, 8K, 16K).
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from ml_collections import config_flags
 
 from lcjax.cli import fail, run
 from lcjax.config import config_path
+from lcjax.eval.longbench import LongBenchError
 from lcjax.eval.ruler_data import RulerError
-from lcjax.eval.ruler_run import evaluate_run
+from lcjax.eval.ruler_run import evaluate_tasks
 from lcjax.sweep.points import config_for_flags
 from lcjax.train.config import validate_config
 from lcjax.train.evaluate import evaluate_workdir
@@ -64,11 +72,11 @@ def main(argv) -> int:
     config = with_hf(config, _HF.value)
   validate_config(config)
   if config.eval.tasks:
-    evaluate_run(config, _WORKDIR.value)
+    evaluate_tasks(config, _WORKDIR.value)
   else:
     evaluate_workdir(config, _WORKDIR.value)
   return 0
 
 
 if __name__ == "__main__":
-  run(main, errors={RulerError: 2})
+  run(main, errors={RulerError: 2, LongBenchError: 2})

@@ -98,3 +98,20 @@ def build_tiny_hf_folder(folder: Path, max_positions: int) -> Path:
   torch.manual_seed(0)
   transformers.LlamaForCausalLM(config).save_pretrained(folder)
   return folder
+
+
+def write_longbench_folder(folder: Path) -> Path:
+  """A LongBench-format folder (`<dataset>.jsonl`, as LongBench's data.zip) of 2 hotpotqa rows."""
+  folder.mkdir(parents=True, exist_ok=True)
+  rows = [
+    {
+      "context": " ".join(corpus(1, seed=i, words_per_doc=60)),
+      "input": f"Which city is capital number {i}?",
+      "answers": [f"city {i}"],
+      "all_classes": None,
+      "length": 60,
+    }
+    for i in range(2)
+  ]
+  (folder / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return folder

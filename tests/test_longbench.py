@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from lcjax.data.tokenizers import ByteTokenizer
@@ -305,3 +309,191 @@ def test_evaluate_longbench_wrong_answers_and_bad_generate_fn(tmp_path):
     lb.evaluate_longbench(wrong, tok, folder, ["nope"], 200, log=None)
   one = lb.evaluate_longbench(wrong, tok, folder / "lcc.jsonl", None, 200, limit=1, log=None)
   assert list(one["datasets"]) == ["lcc"]
+
+
+# --- scripts/eval.py: eval.tasks=("longbench",) on a tiny untrained model --------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_LEN = 200  # prompt tokens: lcc's short row fits, its long row and every hotpotqa row not
+
+
+def _rows_for_model():
+  """hotpotqa: two truncated prompts; lcc: a short prompt (not truncated) and a long one."""
+  code = "".join(f"def f{i}(x):\n  return x + {i}\n" for i in range(12))
+  return {
+    "hotpotqa": [
+      _row("Passage 1: Paris is the capital of France. " * 12, "Capital?", ["Paris"]),
+      _row("Passage 2: Rome is in Italy. " * 12, "Where is Rome?", ["Italy"]),
+    ],
+    "lcc": [_row("x = 1\ny = 2\n", "", ["z = 3"]), _row(code, "", ["def f12(x):"])],
+  }
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A 1-layer Llama with the byte vocabulary saved as a Hugging Face folder (`init_from`),
+  the eval config scripts/eval.py builds for it, and that model."""
+  from flax import nnx
+
+  from lcjax.config import load_config
+  from lcjax.interop.hf import save_pretrained
+  from lcjax.models import build_model
+  from lcjax.models.config import llama_config
+  from lcjax.train.run_model import build_run_model
+
+  cfg = llama_config(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64)
+  cfg.vocab_size = 384  # lcjax's byte tokenizer, padded
+  hf = tmp_path_factory.mktemp("lb_model")
+  save_pretrained(build_model(cfg, rngs=nnx.Rngs(3)), cfg, str(hf))
+  config = load_config("configs/ruler_eval.py", lock=False)
+  config.init_from = str(hf)
+  return config, build_run_model(config)[0]
+
+
+def _longbench_config(config, folder, **fields):
+  config = config.copy_and_resolve_references()
+  config.eval.tasks = ("longbench",)
+  fields = {"path": str(folder), "max_len": MAX_LEN, "batch_size": 2, **fields}
+  config.eval.longbench.update(**fields)
+  return config
+
+
+def test_eval_tasks_longbench_decodes_truncated_prompts_and_writes_outputs(tiny_run, tmp_path):
+  """scripts/eval.py's function on a tiny model, one compiled decoder: every prediction is the
+  greedy continuation of pred.py's prompt (BOS, middle truncation) cut at EOS, in file order;
+  an oracle row scores 1; the json, the table and the metrics lines are written. (The ragged
+  decoder equals `lcjax.models.generate` row by row: tests/test_ruler.py.)"""
+  from lcjax.eval.ruler_run import evaluate_tasks
+  from lcjax.eval.ruler_score import greedy_generate
+  from lcjax.train.config import validate_config
+
+  config, model = tiny_run
+  tok = ByteTokenizer()
+  rows = _rows_for_model()["lcc"]
+  prompts = [lb.encode_longbench_prompt(tok, "lcc", row, MAX_LEN) for row in rows]
+  assert [t for _, t in prompts] == [False, True] and len(prompts[1][0]) == MAX_LEN
+  assert prompts[0][0][0] == tok.bos_id and len(prompts[0][0]) < MAX_LEN
+  # The reference decodes the rows in the other order (the harness sorts them by length).
+  new = greedy_generate(
+    model,
+    [np.asarray(p) for p, _ in prompts[::-1]],
+    max_new_tokens=lb.DATASET2MAXLEN["lcc"],
+    batch_size=2,
+    bucket=MAX_LEN,
+    pad_id=tok.pad_id,
+  )[::-1]
+  want = []
+  for n in new:
+    n = list(n)
+    want.append(tok.decode(n[: n.index(tok.eos_id)] if tok.eos_id in n else n))
+  # The first row's answer is the first code line of its own prediction: an oracle row.
+  code = [s for s in want[0].lstrip("\n").split("\n") if not any(c in s for c in "`#")]
+  code = [s for s in code if "//" not in s]
+  rows[0]["answers"] = [code[0] if code else ""]
+  _write(tmp_path / "lcc.jsonl", rows)
+  _write(tmp_path / "hotpotqa.jsonl", [_row()])  # not named in datasets: not run
+  config = _longbench_config(config, tmp_path, datasets=("lcc",))
+  validate_config(config)
+  lines = []
+  out = tmp_path / "out"
+  result = evaluate_tasks(config, str(out), log=lines.append)
+  assert list(result) == ["longbench"]
+  result = result["longbench"]
+  assert list(result["datasets"]) == ["lcc"]
+  lcc = result["datasets"]["lcc"]
+  assert [r["pred"] for r in lcc["records"]] == want
+  assert [r["prompt_tokens"] for r in lcc["records"]] == [len(p) for p, _ in prompts]
+  expected = lb.score_predictions("lcc", want, [r["answers"] for r in rows], [None, None])
+  assert lcc["records"][0]["score"] == 1.0 and lcc["score"] == expected["score"]
+  assert lcc["truncated"] == 1 and lcc["n"] == 2 and lcc["max_new_tokens"] == 64
+  saved = json.loads((out / "eval" / "longbench.json").read_text())
+  assert saved["checkpoint"] == config.init_from and saved["max_len"] == MAX_LEN
+  assert saved["datasets"]["lcc"]["records"][1]["pred"] == want[1]
+  md = (out / "eval" / "longbench.md").read_text()
+  assert md.startswith("# LongBench") and f"| lcc | code_sim | 2 | 1 | {lcc['score']:.2f} |" in md
+  metrics = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+  assert metrics[-1]["eval/longbench_lcc"] == lcc["score"]
+  assert metrics[-1]["eval/longbench_average"] == result["average"] == lcc["score"]
+  assert any(s.startswith("LongBench on ") for s in lines)
+  assert any("[1/1] lcc: 2/2 samples" in s for s in lines)
+
+
+def test_prompt_bucket_and_config_errors_name_the_field(tiny_run, tmp_path):
+  from lcjax.config import ConfigError
+  from lcjax.eval.ruler_run import _prompt_bucket
+  from lcjax.train.config import validate_config
+
+  assert [_prompt_bucket(n, 3500) for n in (10, 256, 257, 3000, 3500)] == [
+    256,
+    256,
+    512,
+    3500,
+    3500,
+  ]
+  assert _prompt_bucket(210, 200) == 210  # a chat-wrapped prompt may exceed max_len
+  config, _ = tiny_run
+  _write(tmp_path / "hotpotqa.jsonl", [_row()])
+  cases = [
+    (dict(path=None), "^eval.longbench.path is not set; point it at a folder"),
+    (dict(path=str(tmp_path / "nope")), "^eval.longbench.path='.*nope' does not exist"),
+    (dict(datasets=("qasper",)), r"^eval.longbench.datasets=\('qasper',\): dataset qasper: "),
+    (dict(datasets=("hotpot",)), "^eval.longbench.datasets=.*unknown LongBench dataset"),
+    (dict(max_len=1), "^eval.longbench.max_len=1 must be >= 2"),
+    (dict(limit=0), "^eval.longbench.limit=0 must be >= 1"),
+    (dict(zh_segmenter="spacy"), "^eval.longbench.zh_segmenter='spacy'"),
+    (dict(chat_template="llama9"), "^eval.longbench.chat_template: chat template 'llama9'"),
+  ]
+  for fields, match in cases:
+    bad = _longbench_config(config, tmp_path, **fields)
+    with pytest.raises(ConfigError, match=match) as err:
+      validate_config(bad)
+    assert "\n" not in str(err.value)
+  ok = _longbench_config(config, tmp_path, datasets=("hotpotqa",), chat_template="meta-chat")
+  validate_config(ok)  # RULER's eval.lengths are not needed for LongBench alone
+  ok.eval.tasks = ("longbench", "bogus")
+  with pytest.raises(ConfigError, match="unknown eval task 'bogus'.*or 'longbench'"):
+    validate_config(ok)
+  assert lb.chat_builder("base") is None
+  assert lb.chat_builder("meta-chat")("hi") == "[INST] hi [/INST]"
+
+
+@pytest.mark.slow
+def test_eval_script_longbench(tiny_run, tmp_path):
+  """scripts/eval.py end to end (a subprocess: ~10 s of imports), and its missing-path error."""
+  config, _ = tiny_run
+  folder = tmp_path / "data"
+  folder.mkdir()
+  for name, rows in _rows_for_model().items():
+    _write(folder / f"{name}.jsonl", rows)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = tmp_path / "out"
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "scripts", "eval.py"),
+    "--config",
+    os.path.join(ROOT, "configs", "ruler_eval.py"),
+    f"--config.init_from={config.init_from}",
+    "--workdir",
+    str(out),
+    "--config.eval.tasks=('longbench',)",
+    f"--config.eval.longbench.max_len={MAX_LEN}",
+  ]
+  proc = subprocess.run(
+    [*cmd, f"--config.eval.longbench.path={folder}", "--config.eval.longbench.limit=1"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((out / "eval" / "longbench.json").read_text())
+  assert sorted(result["datasets"]) == ["hotpotqa", "lcc"]
+  assert all(r["n"] == 1 for r in result["datasets"].values())
+  assert (out / "eval" / "longbench.md").exists() and "| **average** |" in proc.stdout
+  missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert missing.returncode == 2
+  assert (
+    missing.stderr.strip()
+    .splitlines()[-1]
+    .startswith("error: eval.longbench.path is not set; point it at a folder")
+  )

@@ -48,7 +48,7 @@ from readme_blocks import (
   readme_blocks,
   slug,
 )
-from readme_files import build_tiny_hf_folder, write_data_files
+from readme_files import build_tiny_hf_folder, write_data_files, write_longbench_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -424,8 +424,11 @@ def shrink_overrides(config, devices: int) -> dict[str, object]:
     o.update(
       {"eval.passkey.lengths": (256,), "eval.passkey.depths": (0.5,), "eval.passkey.trials": 1}
     )
-  if config.eval.get("tasks"):  # scripts/eval.py's RULER tasks: one short length, 2 samples
+  tasks = tuple(config.eval.get("tasks") or ())
+  if set(tasks) - {"longbench"}:  # scripts/eval.py's RULER tasks: one short length, 2 samples
     o.update(RULER_SHRINK)
+  if "longbench" in tasks:
+    o.update(LONGBENCH_SHRINK)
   return o
 
 
@@ -528,6 +531,28 @@ RULER_SHRINK = {
 }
 
 
+# LongBench: 2 rows of the folder the test writes, prompts cut to 256 tokens.
+LONGBENCH_SHRINK = {
+  "eval.longbench.max_len": 256,
+  "eval.longbench.limit": 2,
+  "eval.longbench.batch_size": 2,
+}
+
+
+def _eval_outputs(argv: list[str]) -> list[str]:
+  """The files scripts/eval.py must write for `argv`'s eval.tasks (none without tasks)."""
+  tasks = _flag(argv, "config.eval.tasks") or ""
+  outputs = ["eval/longbench.json"] if "longbench" in tasks else []
+  if re.sub(r"[\s'\"(),]|longbench", "", tasks):  # any other (RULER) task
+    outputs.append("eval/ruler.md")
+  return outputs
+
+
+def _longbench_data(argv: list[str]) -> None:
+  if path := _flag(argv, "config.eval.longbench.path"):
+    write_longbench_folder(Path(path))
+
+
 def run_eval_hf(ws: Workspace, cmd: Command, argv: list[str], env: dict[str, str]) -> None:
   """scripts/eval.py --hf: the config's `smoke` arg (default configs/ruler_eval.py) on the
   tiny HF folder, without the README's lengths (the smoke config's fit the tiny model)."""
@@ -537,11 +562,15 @@ def run_eval_hf(ws: Workspace, cmd: Command, argv: list[str], env: dict[str, str
   if argv is None:
     return
   argv = [a for a in argv if not a.startswith("--config.eval.lengths")]
+  if "longbench" in (_flag(argv, "config.eval.tasks") or ""):
+    argv += [f"--config.{k}={_format_value(v)}" for k, v in LONGBENCH_SHRINK.items()]
+  _longbench_data(argv)
   full = _python(argv)
   output = _run(ws, full, env, full)
   workdir = Path(_flag(argv, "workdir"))
-  if not (workdir / "eval" / "ruler.json").exists() or not list(workdir.glob("plots/niah_*.png")):
-    _fail(ws, "0, but no eval/ruler.json or no plots/niah_*.png", full, output)
+  missing = [f for f in _eval_outputs(full) or ["eval/ruler.md"] if not (workdir / f).exists()]
+  if missing:
+    _fail(ws, f"0, but no {', '.join(missing)}", full, output)
 
 
 def run_eval(ws: Workspace, cmd: Command) -> None:
@@ -552,6 +581,7 @@ def run_eval(ws: Workspace, cmd: Command) -> None:
     run_eval_hf(ws, cmd, argv, env)
     return
   workdir = _flag(argv, "workdir")
+  _longbench_data(argv)  # the training run that prepares the workdir validates it too
   if workdir and not (Path(workdir) / "checkpoints").exists():
     ws.notes.append(f"trained {workdir} first for `{cmd.text}`")
     ws.run_helper(["python", "scripts/train.py", *argv[2:]])
@@ -562,8 +592,9 @@ def run_eval(ws: Workspace, cmd: Command) -> None:
     and not (Path(workdir) / "eval" / "ppl_vs_length.json").exists()
   ):
     _fail(ws, "0, but no eval/ppl_vs_length.json", full, output)
-  if _flag(full, "config.eval.tasks") and not (Path(workdir) / "eval" / "ruler.md").exists():
-    _fail(ws, "0, but no eval/ruler.md", full, output)
+  missing = [f for f in _eval_outputs(full) if not (Path(workdir) / f).exists()]
+  if missing:
+    _fail(ws, f"0, but no {', '.join(missing)}", full, output)
 
 
 def _run_in_process(ws: Workspace, argv: list[str]) -> str:

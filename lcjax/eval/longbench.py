@@ -4,6 +4,8 @@ Reads LongBench-format JSONL (the rows of LongBench's data.zip: `context`, `inpu
 `answers`, `all_classes`, `length`; other fields are ignored) from a local folder, builds
 each dataset's prompt, truncates it in the middle, lets any model continue it greedily
 through `generate_fn`, and scores the continuation as LongBench does. Nothing is downloaded.
+`scripts/eval.py --config.eval.tasks='("longbench",)' --config.eval.longbench.path=DIR` runs it
+on a checkpoint (`lcjax.eval.ruler_run.evaluate_longbench_run`, fields `eval.longbench.*`).
 
 Sources (THUDM/LongBench, commit 2e00731):
 - prompts `LongBench/config/dataset2prompt.json` and generation lengths
@@ -38,7 +40,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from lcjax.config import ConfigError
 from lcjax.eval import text_metrics as tm
+from lcjax.eval.ruler_data import MODEL_TEMPLATES
 
 __all__ = [
   "DATASET2PROMPT",
@@ -55,6 +59,10 @@ __all__ = [
   "score_predictions",
   "evaluate_longbench",
   "longbench_markdown",
+  "EVAL_TASK",
+  "LongBenchError",
+  "chat_builder",
+  "validate_longbench_config",
 ]
 
 # LongBench/config/dataset2prompt.json (verbatim).
@@ -165,7 +173,15 @@ FIRST_LINE_DATASETS = ("trec", "triviaqa", "samsum", "lsht")
 _ZH_SEGMENTED = ("multifieldqa_zh", "dureader", "vcsum")
 _E_BUCKETS = ("0-4k", "4-8k", "8k+")
 
+
+class LongBenchError(ValueError):
+  """Bad LongBench input (dataset name, file, row, size); the message is one line."""
+
+
 GenerateFn = Callable[[list[list[int]], int], Sequence[Sequence[int]]]
+# The name `eval.tasks` uses for LongBench (scripts/eval.py; fields `eval.longbench.*`).
+EVAL_TASK = "longbench"
+ZH_SEGMENTERS = ("auto", "jieba", "char")
 
 
 def _known_names() -> str:
@@ -178,28 +194,32 @@ def resolve_dataset(name: str) -> tuple[str, bool]:
     return name, False
   if name.endswith("_e") and name[:-2] in LONGBENCH_E_DATASETS:
     return name[:-2], True
-  raise ValueError(f"unknown LongBench dataset {name!r}; known: {_known_names()}")
+  raise LongBenchError(f"unknown LongBench dataset {name!r}; known: {_known_names()}")
 
 
 def _check_row(row, where: str, base: str) -> dict:
   if not isinstance(row, dict):
-    raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    raise LongBenchError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
   for field in ("context", "input"):
     if not isinstance(row.get(field), str):
-      raise ValueError(f"{where}: field {field!r} must be a string (got {row.get(field)!r:.40})")
+      raise LongBenchError(
+        f"{where}: field {field!r} must be a string (got {row.get(field)!r:.40})"
+      )
   answers = row.get("answers")
   if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
-    raise ValueError(f"{where}: field 'answers' must be a non-empty list of strings")
+    raise LongBenchError(f"{where}: field 'answers' must be a non-empty list of strings")
   classes = row.get("all_classes")
   if classes is not None and not (
     isinstance(classes, list) and all(isinstance(c, str) for c in classes)
   ):
-    raise ValueError(f"{where}: field 'all_classes' must be null or a list of strings")
+    raise LongBenchError(f"{where}: field 'all_classes' must be null or a list of strings")
   if classes is None and DATASET2METRIC[base][0] == "classification":
-    raise ValueError(f"{where}: {base} is scored by classification; 'all_classes' must list them")
+    raise LongBenchError(
+      f"{where}: {base} is scored by classification; 'all_classes' must list them"
+    )
   length = row.get("length")
   if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-    raise ValueError(
+    raise LongBenchError(
       f"{where}: field 'length' must be a non-negative integer (words, or characters for "
       f"Chinese), got {length!r}"
     )
@@ -231,10 +251,10 @@ def read_longbench_jsonl(path: str | os.PathLike, dataset: str) -> list[dict]:
       try:
         row = json.loads(line)
       except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        raise LongBenchError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
       rows.append(_check_row(row, where, base))
   if not rows:
-    raise ValueError(f"{path}: no rows; a LongBench file has one JSON object per line")
+    raise LongBenchError(f"{path}: no rows; a LongBench file has one JSON object per line")
   return rows
 
 
@@ -247,7 +267,7 @@ def format_prompt(dataset: str, row: dict) -> str:
 def truncate_middle(ids: Sequence[int], max_len: int) -> list[int]:
   """pred.py: longer than max_len -> the first and the last int(max_len / 2) tokens."""
   if max_len < 2:
-    raise ValueError(f"max_len={max_len} must be at least 2 (half of it is kept at each end)")
+    raise LongBenchError(f"max_len={max_len} must be at least 2 (half of it is kept at each end)")
   ids = list(ids)
   if len(ids) <= max_len:
     return ids
@@ -316,9 +336,9 @@ def score_predictions(
   """
   base, is_e = resolve_dataset(dataset)
   if not (len(predictions) == len(answers) == len(all_classes)):
-    raise ValueError("predictions, answers and all_classes must have one entry per sample")
+    raise LongBenchError("predictions, answers and all_classes must have one entry per sample")
   if not predictions:
-    raise ValueError(f"{dataset}: no predictions to score")
+    raise LongBenchError(f"{dataset}: no predictions to score")
   metric_name, metric = DATASET2METRIC[base]
   samples = []
   for prediction, ground_truths, classes in zip(predictions, answers, all_classes, strict=True):
@@ -331,7 +351,7 @@ def score_predictions(
   out = dict(score=round(100 * float(np.mean(samples)), 2), samples=samples, metric=metric_name)
   if is_e:
     if lengths is None or len(lengths) != len(samples):
-      raise ValueError(f"{dataset}: LongBench-E scoring needs one length per sample")
+      raise LongBenchError(f"{dataset}: LongBench-E scoring needs one length per sample")
     groups = {key: [] for key in _E_BUCKETS}
     for score, length in zip(samples, lengths, strict=True):
       groups[_bucket(length)].append(score)
@@ -347,7 +367,7 @@ def _files(path: str, datasets: Sequence[str] | None) -> list[tuple[str, str]]:
     stem = os.path.basename(path).removesuffix(".jsonl")
     names = [stem] if datasets is None else list(datasets)
     if len(names) != 1:
-      raise ValueError(f"path {path} is one file; name one dataset for it (got {names})")
+      raise LongBenchError(f"path {path} is one file; name one dataset for it (got {names})")
     resolve_dataset(names[0])
     return [(names[0], path)]
   if not os.path.isdir(path):
@@ -425,9 +445,9 @@ def evaluate_longbench(
     zh_segmenter (label, or None when no dataset needs it)).
   """
   if batch_size < 1:
-    raise ValueError(f"batch_size={batch_size} must be a positive integer")
+    raise LongBenchError(f"batch_size={batch_size} must be a positive integer")
   if limit is not None and limit < 1:
-    raise ValueError(f"limit={limit} must be a positive integer or None")
+    raise LongBenchError(f"limit={limit} must be a positive integer or None")
   truncate_middle([], max_len)  # validates max_len before any file is read
   pairs = _files(os.fspath(path), datasets)
   loaded = [(name, read_longbench_jsonl(file, name)[:limit]) for name, file in pairs]
@@ -453,7 +473,7 @@ def evaluate_longbench(
       chunk = order[b : b + batch_size]
       new = list(generate_fn([encoded[i][0] for i in chunk], max_new))
       if len(new) != len(chunk):
-        raise ValueError(
+        raise LongBenchError(
           f"generate_fn returned {len(new)} continuations for {len(chunk)} prompts; "
           "return one token list per prompt"
         )
@@ -535,3 +555,67 @@ def longbench_markdown(result: dict) -> str:
   for category, value in result.get("categories", {}).items():
     lines.append(f"| {category} | | | | {value:.2f} | | | |")
   return "\n".join(lines) + "\n"
+
+
+# --- scripts/eval.py: config -------------------------------------------------------------
+
+
+def chat_builder(name: str) -> Callable[[str], str] | None:
+  """`build_chat` of a chat template name: a key of RULER's `MODEL_TEMPLATES` (NVIDIA/RULER
+  `scripts/data/template.py`, shared with `eval.ruler.chat_template`); "base": None (raw).
+
+  LongBench's own pred.py `build_chat` has one format per model family; its Llama-2 one,
+  "[INST]{prompt}[/INST]", is RULER's "meta-chat" without the two spaces.
+  """
+  if name not in MODEL_TEMPLATES:
+    raise LongBenchError(
+      f"chat template {name!r} is unknown; choose one of {', '.join(MODEL_TEMPLATES)}"
+    )
+  if name == "base":
+    return None
+  template = MODEL_TEMPLATES[name]
+  return lambda text: template.format(task_template=text)
+
+
+def validate_longbench_config(ev) -> None:
+  """Raises ConfigError (one line naming the field) for bad eval.longbench fields.
+
+  Checked only when `eval.tasks` names "longbench": the data path must exist, the dataset
+  names must be LongBench's (with a file in the folder), and the sizes must be positive.
+  """
+  if EVAL_TASK not in tuple(ev.get("tasks") or ()):
+    return
+  lb = ev.longbench
+  if not lb.path:
+    raise ConfigError(
+      "eval.longbench.path is not set; point it at a folder of LongBench <dataset>.jsonl files "
+      "(LongBench's data.zip) or at one such file"
+    )
+  if not os.path.exists(lb.path):
+    raise ConfigError(
+      f"eval.longbench.path={lb.path!r} does not exist; point it at a folder of LongBench "
+      "<dataset>.jsonl files (LongBench's data.zip) or at one such file"
+    )
+  try:
+    _files(os.fspath(lb.path), tuple(lb.datasets) or None)
+  except (LongBenchError, FileNotFoundError) as e:
+    raise ConfigError(f"eval.longbench.datasets={tuple(lb.datasets)}: {e}") from None
+  checks = [
+    (lb.max_len >= 2, f"eval.longbench.max_len={lb.max_len} must be >= 2 (prompt tokens)"),
+    (lb.batch_size >= 1, f"eval.longbench.batch_size={lb.batch_size} must be >= 1"),
+    (
+      lb.limit is None or lb.limit >= 1,
+      f"eval.longbench.limit={lb.limit} must be >= 1 (rows per dataset) or None (all)",
+    ),
+    (
+      lb.zh_segmenter in ZH_SEGMENTERS,
+      f"eval.longbench.zh_segmenter={lb.zh_segmenter!r} must be one of {', '.join(ZH_SEGMENTERS)}",
+    ),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(message)
+  try:
+    chat_builder(lb.chat_template)
+  except LongBenchError as e:
+    raise ConfigError(f"eval.longbench.chat_template: {e}") from None

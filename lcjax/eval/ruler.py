@@ -28,6 +28,7 @@ import numpy as np
 
 from lcjax.config import ConfigError
 from lcjax.eval.io import write_json
+from lcjax.eval.longbench import EVAL_TASK as LONGBENCH_TASK
 from lcjax.eval.niah_plots import default_depth_rows, depth_length_grid, plot_niah_heatmap
 from lcjax.eval.ruler_data import (
   MODEL_TEMPLATES,
@@ -386,13 +387,14 @@ def write_outputs(result: dict, workdir: str, *, depth_bins: int = 5) -> dict[st
 
 def validate_ruler_config(ev) -> None:
   """Raises ConfigError (one line naming the field) for bad eval.tasks/lengths/ruler fields."""
-  if not ev.get("tasks"):
+  tasks = [t for t in ev.get("tasks") or () if t != LONGBENCH_TASK]  # lcjax.eval.longbench
+  if not tasks:
     return
   r = ev.ruler
   try:
-    resolve_tasks(ev.tasks, qa_path=r.qa_path, log=lambda _: None)
+    resolve_tasks(tasks, qa_path=r.qa_path, log=lambda _: None)
   except RulerError as e:
-    raise ConfigError(f"eval.tasks: {e}") from None
+    raise ConfigError(f"eval.tasks: {e}, or {LONGBENCH_TASK!r} (eval.longbench.*)") from None
   if not ev.lengths or any(int(n) < 1 for n in ev.lengths):
     raise ConfigError(
       f"eval.lengths={tuple(ev.lengths)} must be positive token counts, e.g. (4096, 8192)"

@@ -18,6 +18,7 @@ import ml_collections
 from lcjax.attention.registry import resolve_impl
 from lcjax.config import ConfigError, require
 from lcjax.data import default_data_config, validate_data_config
+from lcjax.eval.longbench import validate_longbench_config
 from lcjax.eval.passkey import PASSKEY_THRESHOLD
 from lcjax.eval.perplexity import PPL_PROTOCOLS
 from lcjax.eval.ruler import EFFECTIVE_THRESHOLD, validate_ruler_config
@@ -98,6 +99,16 @@ def base_config() -> ml_collections.ConfigDict:
       chat_template="base",  # a key of lcjax.eval.ruler_data.MODEL_TEMPLATES
       tokens_to_generate=0,  # 0: RULER's per task (niah 128, vt 30, cwe 120, fwe 50, qa 32)
     ),
+    # LongBench on local files (lcjax.eval.longbench), run when eval.tasks names "longbench".
+    longbench=dict(
+      path=ml_collections.config_dict.placeholder(str),  # <dataset>.jsonl folder, or one file
+      datasets=(),  # e.g. ("hotpotqa", "qasper_e"); empty: every LongBench file in path
+      max_len=3500,  # prompt tokens (pred.py max_length); longer prompts lose their middle
+      limit=ml_collections.config_dict.placeholder(int),  # first rows per dataset; None: all
+      batch_size=8,
+      chat_template="base",  # a key of lcjax.eval.ruler_data.MODEL_TEMPLATES; base: none
+      zh_segmenter="auto",  # Chinese metrics: jieba when installed, else characters
+    ),
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)
   c.parallel = dict(context_strategy="ring", layout="zigzag")
@@ -154,6 +165,7 @@ def validate_config(
   )
   _validate_eval_tasks(config.eval, model_cfg)
   validate_ruler_config(config.eval)
+  validate_longbench_config(config.eval)
   validate_data_config(config.data)
   _validate_anchor(config, model_cfg)
   t = config.train
