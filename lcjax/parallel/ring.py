@@ -272,8 +272,11 @@ def _attention(st, q, k, v, ids: MaskInputs):
 
 def _attention_fwd(st, q, k, v, ids: MaskInputs):
   out_BTHD, lse_BHT = _forward(st, q, k, v, ids)
-  # Residuals are sharded like the inputs: O(T/W) per device, never a score block.
-  return out_BTHD.astype(q.dtype), (q, k, v, ids, out_BTHD, lse_BHT)
+  # Residuals are sharded like the inputs: O(T/W) per device, never a score block. The
+  # output is kept in the input dtype, as FlashAttention-2 keeps O for its backward's
+  # Delta = rowsum(dO ∘ O) (Dao 2023, Alg. 2 line 4): a float32 copy is a q-sized buffer.
+  out_in_dtype = out_BTHD.astype(q.dtype)
+  return out_in_dtype, (q, k, v, ids, out_in_dtype, lse_BHT)
 
 
 def _attention_bwd(st, res, dout_BTHD):
