@@ -3,13 +3,17 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from lcjax.config import ConfigError, load_config
-from lcjax.sweep.stages import largest_stage, run_stages, stages_spec
+from lcjax.sweep.stages import largest_stage, run_stages, stage_configs, stages_spec
 from lcjax.train.run_model import load_run_params
 
 LONG = {
@@ -111,3 +115,47 @@ def test_stage_model_fields_become_model_overrides_and_bad_stages_fail():
     stages_spec(_config((STAGES[0], 3)))
   with pytest.raises(ConfigError, match="point 'stage-2': override train.stepz"):
     run_stages(_config((STAGES[0], {"train.stepz": 2})), "/nonexistent/never-created")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow  # ~40 s: two processes and six stage compiles
+def test_sigkill_in_stage_2_resumes_stage_2_from_its_checkpoint(tmp_path):
+  """The README's recipe command, killed with SIGKILL in stage 2, then run again: stage 1 is
+  not rerun, stage 2 resumes from its newest checkpoint, and the chain finishes."""
+  workdir = tmp_path / "lwm"
+  command = [sys.executable, "scripts/train.py", "--config", "configs/recipes/lwm.py:smoke"]
+  command += ["--workdir", str(workdir)]
+  stage1, stage2 = workdir / "stage-1", workdir / "stage-2"
+  # One CPU device, as a laptop has (conftest gives this process 8); the session's flags.
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("LCJAX_TEST_XLA_FLAGS", ""))
+  with open(tmp_path / "killed.log", "w") as log:
+    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+      # orbax renames a step's folder into place once it is complete (lcjax Checkpointer).
+      deadline = time.monotonic() + 300
+      while not (stage2 / "checkpoints" / "1").is_dir():
+        assert run.poll() is None, open(tmp_path / "killed.log").read()[-3000:]
+        assert time.monotonic() < deadline, "stage 2 wrote no checkpoint in 300 s"
+        time.sleep(0.002)
+      run.send_signal(signal.SIGKILL)
+    finally:
+      run.kill()
+      run.wait()
+  assert run.returncode == -signal.SIGKILL
+  assert (stage1 / "sweep_point.json").exists()
+  assert not (stage2 / "sweep_point.json").exists(), "killed after stage 2 had finished"
+  finished_stage1 = (stage1 / "sweep_point.json").stat().st_mtime_ns
+  rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+  assert "sweep: 1 of 5 points already finished" in rerun.stdout
+  assert f"resumed from {stage2 / 'checkpoints'}/1" in rerun.stdout
+  assert " stage-1 (train" not in rerun.stdout  # stage 1 never ran again
+  _, second = stage_configs(load_config("configs/recipes/lwm.py:smoke"))[1]
+  resumed = f"seq_len {second.data.seq_len}, batch {second.train.batch_size}; steps 1->"
+  assert resumed in rerun.stdout  # stage 2 went on from its step 1
+  assert (stage1 / "sweep_point.json").stat().st_mtime_ns == finished_stage1
+  for k in range(1, 6):
+    assert (workdir / f"stage-{k}" / "sweep_point.json").exists(), k
+  assert "eval/ppl@64/trained" in open(workdir / "results.csv").read()

@@ -9,8 +9,8 @@ Keys (defaults in parentheses):
 - `source` (`kind="stdlib"`): the documents, for `lcjax.data.sources.build_source`; also the
   corpus of `make_eval_documents`. It holds every option of every source kind
   (`lcjax.data.sources.SOURCE_OPTIONS`: kind, path, text_field, one_document_per_line, split,
-  name, data_dir, validation_fraction, splits), all but `kind` unset (None), so each can be set
-  from the command line, e.g. `--config.data.source.kind=jsonl
+  name, data_dir, validation_fraction, splits, min_bytes, max_bytes), all but `kind` unset (None),
+  so each can be set from the command line, e.g. `--config.data.source.kind=jsonl
   --config.data.source.path='/data/*.jsonl'` (`path` also takes a list literal,
   `'["a/*.jsonl", "b/*.jsonl"]'`, and `splits` a dict literal). Setting an option the kind does
   not read raises. A config file may also replace the whole dict

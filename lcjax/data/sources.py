@@ -9,7 +9,9 @@ an option set to None counts as unset):
 
 - `stdlib` (the default corpus, on every machine): the `.py` files of the running Python's
   standard library, one document (bytes) per file; see `lcjax.data.stdlib_corpus`.
-  Keys: `validation_fraction`.
+  Keys: `validation_fraction`; `min_bytes` / `max_bytes` keep only files of `min_bytes <= size <
+  max_bytes` (long or short stand-in sources for a CPU-sized recipe, `configs/recipes/`). Each
+  file keeps its hash split whatever the filter, so held-out files stay held out.
 - `text`: `path` (a file, a directory read recursively, a glob, or a list of them), one
   document (bytes) per file, or one per non-blank line with `one_document_per_line=True`.
 - `jsonl`: `path` globs of `.jsonl` or `.jsonl.gz` files, one JSON object per line;
@@ -96,10 +98,12 @@ SOURCE_OPTIONS = {
   "data_dir": str,
   "validation_fraction": float,
   "splits": object,  # {split: glob or list of globs}
+  "min_bytes": int,  # stdlib: keep files of at least this size
+  "max_bytes": int,  # stdlib: keep files smaller than this
 }
 _FILE_KIND = ("kind", "path", "text_field", "validation_fraction", "splits")
 _KIND_OPTIONS = {
-  "stdlib": ("kind", "validation_fraction"),
+  "stdlib": ("kind", "validation_fraction", "min_bytes", "max_bytes"),
   "text": ("kind", "path", "one_document_per_line", "validation_fraction", "splits"),
   "jsonl": _FILE_KIND,
   "parquet": _FILE_KIND,
@@ -308,6 +312,18 @@ def _build_tfds(config, split: str, splits: dict | None) -> tuple[str, _Reader]:
   return f"tfds {label}", _MappingReader(label, rows, _get(config, "text_field", "text"))
 
 
+def _stdlib_by_size(root: str, keys: list[str], low: Any, high: Any) -> list[str]:
+  """The standard-library files (relative paths) of `low <= size < high` bytes."""
+  for key, value in (("min_bytes", low), ("max_bytes", high)):
+    if value is not None and (not isinstance(value, int | np.integer) or value < 0):
+      raise ConfigError(f"source.{key}={value!r} must be an integer >= 0 (a file size in bytes)")
+  low = low or 0
+  if high is not None and high <= low:
+    raise ConfigError(f"source.max_bytes={high} must exceed source.min_bytes={low}")
+  sizes = [os.path.getsize(os.path.join(root, key)) for key in keys]
+  return [k for k, n in zip(keys, sizes, strict=True) if n >= low and (high is None or n < high)]
+
+
 def describe_document(dataset: grain.MapDataset, index: int) -> str:
   """Where document `index` of a dataset from `build_source` comes from, e.g. "a.jsonl:12".
 
@@ -344,9 +360,13 @@ def build_source(source_config, split: str) -> grain.MapDataset:
   hash_split = splits is None
   if kind == "stdlib":
     root = stdlib_root()
-    keys = stdlib_files(root)
+    keys, name = stdlib_files(root), f"stdlib {root}"
+    low, high = _get(config, "min_bytes"), _get(config, "max_bytes")
+    if low is not None or high is not None:
+      keys = _stdlib_by_size(root, keys, low, high)
+      name += f" [{low or 0}, {high if high is not None else 'inf'}) bytes"
     files = [os.path.join(root, key) for key in keys]
-    name, reader = f"stdlib {root}", _FileReader(files, keys)
+    reader = _FileReader(files, keys)
   elif kind == "hf_dataset":
     name, reader, hash_split = _build_hf_dataset(config, split, splits)
   elif kind == "tfds":
