@@ -11,6 +11,8 @@ step ratios, the data mix).
 import math
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -299,3 +301,21 @@ def test_llama2_long_offers_13b_with_the_same_recipe():
   validate_config(thirteen, num_devices=64)
   with pytest.raises(ConfigError, match="size='70b' is unknown; use one of 7b, 13b"):
     load_config("configs/recipes/llama2_long.py:size=70b")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RECIPES)
+def test_smoke_chain_runs(path, tmp_path):
+  """`scripts/train.py --config RECIPE:smoke` runs every stage (README: the recipes' commands)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "chain"
+  argv = [sys.executable, "scripts/train.py", "--config", f"{path}:smoke"]
+  argv += ["--workdir", str(workdir)]
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("LCJAX_TEST_XLA_FLAGS", "")}  # one device
+  result = subprocess.run(
+    argv, cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False
+  )
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  stages = sorted(p.name for p in workdir.glob("stage-*") if p.is_dir())
+  assert len(stages) == len(stage_configs(load_config(f"{path}:smoke"))), stages
+  assert (workdir / "results.csv").exists()
