@@ -27,11 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax.data.synthetic import check_synthetic_options, token_passkey_example
 from lcjax.eval.passkey import make_passkey_prompt
 from lcjax.ssm.mitigations import ssd_states, window_state_difference
 from lcjax.ssm.ssd import log_decay
 
-__all__ = ["plot_state_norms", "state_norm_evaluation", "state_norm_statistics"]
+__all__ = [
+  "plot_state_norms",
+  "state_norm_evaluation",
+  "state_norm_prompt",
+  "state_norm_statistics",
+]
 
 
 def _layer_state_stats(mixer, x_BTD, every: int):
@@ -112,14 +118,47 @@ def _doubling_windows(positions, start: int) -> dict[int, list[int]]:
   return out
 
 
+def state_norm_prompt(tokenizer, length: int, *, data_config=None, key: int = 12345):
+  """The prompt the state norms are measured on: what the model was trained to read.
+
+  A `token_passkey` example (needle at depth 0.5, seed `key`) when `data_config` trains on
+  `data.synthetic.task="token_passkey"`, else the text passkey prompt of
+  `make_passkey_prompt` (needle at depth 0.5, pass key `key`); int32 [length] at most.
+  """
+  synthetic = data_config.get("synthetic") if data_config is not None else None
+  synthetic = synthetic.to_dict() if hasattr(synthetic, "to_dict") else dict(synthetic or {})
+  options = check_synthetic_options(synthetic)
+  if options is not None and options["task"] == "token_passkey":
+    tokens, _ = token_passkey_example(
+      np.random.default_rng(key),
+      length=length,
+      key_digits=options["key_digits"],
+      min_key_digits=options["min_key_digits"],
+      filler_vocab=options["filler_vocab"],
+      depth=0.5,
+    )
+    return tokens
+  prompt_P, _ = make_passkey_prompt(tokenizer, length_tokens=length, depth=0.5, key=key)
+  return prompt_P
+
+
 def state_norm_evaluation(
-  model, tokenizer, *, length: int, every: int, train_length: int, key: int = 12345
+  model,
+  tokenizer,
+  *,
+  length: int,
+  every: int,
+  train_length: int,
+  key: int = 12345,
+  data_config=None,
 ) -> tuple[dict, dict[str, float]]:
   """State statistics over a passkey prompt of `length` tokens, as JSON and metric lines.
 
   Chen et al. 2024, "Stuffed Mamba" §4: past the training length a few state channels
-  explode. The prompt is `make_passkey_prompt` (needle at depth 0.5), what the study's
-  models read; `every` and the returned positions as in `state_norm_statistics`.
+  explode. The prompt is `state_norm_prompt` (needle at depth 0.5): a `token_passkey`
+  example for models trained on that task (`data_config`), else `make_passkey_prompt`,
+  what the study's models read; `every` and the returned positions as in
+  `state_norm_statistics`.
 
   Returns:
     (summary, lines): summary = dict(length, every, train_length, positions, max_abs,
@@ -129,7 +168,7 @@ def state_norm_evaluation(
     the largest per-head norm at positions in (p/2, p] for p = train_length × 2^k
     (the first: positions <= train_length), so growth past the training length shows.
   """
-  prompt_P, _ = make_passkey_prompt(tokenizer, length_tokens=length, depth=0.5, key=key)
+  prompt_P = state_norm_prompt(tokenizer, length, data_config=data_config, key=key)
   stats = state_norm_statistics(model, prompt_P[None], every=every)
   positions = stats["positions"]
   summary = dict(

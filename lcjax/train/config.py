@@ -19,6 +19,7 @@ from lcjax.attention.registry import resolve_impl
 from lcjax.config import ConfigError, require
 from lcjax.data import default_data_config, validate_data_config
 from lcjax.eval.longbench import validate_longbench_config
+from lcjax.eval.mqar import MQAR_THRESHOLD, validate_synthetic_evals
 from lcjax.eval.passkey import PASSKEY_THRESHOLD
 from lcjax.eval.perplexity import PPL_PROTOCOLS
 from lcjax.eval.ruler import EFFECTIVE_THRESHOLD, validate_ruler_config
@@ -83,6 +84,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Mamba-2 SSM-state statistics every `every` positions of a `length`-token passkey prompt
     # (lcjax.eval.state_capacity.state_norm_evaluation): eval/state_norms.json, eval/state_*
     state_norms=dict(enabled=False, length=4096, every=64),
+    # Synthetic-task recall (lcjax.eval.mqar), for models trained on that data.synthetic.task:
+    # MQAR value accuracy at each number of pairs and the capacity (largest K >= threshold),
+    # and token-passkey accuracy vs. length (eval/token_passkey_max_length at >= threshold).
+    mqar=dict(enabled=False, pairs=(2, 4, 8, 16, 32, 64), rows=64, threshold=MQAR_THRESHOLD),
+    token_passkey=dict(
+      enabled=False, lengths=(), depths=(0.1, 0.5, 0.9), trials=8, threshold=PASSKEY_THRESHOLD
+    ),
     # scripts/eval.py's task suite (lcjax.eval.ruler): RULER task names or groups ("ruler",
     # "niah", "aggregation", ...) at `lengths` tokens; when set, eval.py runs only these.
     tasks=(),
@@ -164,6 +172,7 @@ def validate_config(
     f"{', '.join(PPL_PROTOCOLS)}",
   )
   _validate_eval_tasks(config.eval, model_cfg)
+  validate_synthetic_evals(config.eval, config.data)
   validate_ruler_config(config.eval)
   validate_longbench_config(config.eval)
   validate_data_config(config.data)

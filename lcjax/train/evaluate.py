@@ -8,7 +8,8 @@ weights in a graph rebuilt with another `rope` dict: RoPE has no parameters.
 Passkey also logs `eval/passkey_max_length` (the longest length retrieved with accuracy
 >= `eval.passkey.threshold`, Chen et al. 2024 §6); `eval.state_norms` (Mamba-2) writes
 `WORKDIR/eval/state_norms.json`, `WORKDIR/plots/state_norms.png` and `eval/state_*` lines
-(`lcjax.eval.state_capacity.state_norm_evaluation`).
+(`lcjax.eval.state_capacity.state_norm_evaluation`); `eval.mqar` and `eval.token_passkey`
+(synthetic-task recall) run `lcjax.eval.mqar.synthetic_evaluations`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lcjax.eval import (
   plot_ppl_vs_length,
   write_json,
 )
+from lcjax.eval.mqar import synthetic_evaluations
 from lcjax.eval.passkey import PASSKEY_THRESHOLD, max_length_at
 from lcjax.eval.precision import bf16_rope_evaluation
 from lcjax.eval.state_capacity import plot_state_norms, state_norm_evaluation
@@ -122,6 +124,12 @@ def final_evaluations(config, workdir, params, model_cfg, step) -> dict[str, Any
       ev.passkey.get("threshold", PASSKEY_THRESHOLD),
     )
     out["passkey"] = result
+  if any(ev.get(task) is not None and ev[task].enabled for task in ("mqar", "token_passkey")):
+    results, recall_lines = synthetic_evaluations(
+      config, workdir, model_from_params(params, model_cfg, None), model_cfg
+    )
+    out.update(results)
+    lines.update(recall_lines)
   if ev.get("state_norms") is not None and ev.state_norms.enabled:
     summary, state_lines = state_norm_evaluation(
       model_from_params(params, model_cfg, None),
@@ -129,6 +137,7 @@ def final_evaluations(config, workdir, params, model_cfg, step) -> dict[str, Any
       length=ev.state_norms.length,
       every=ev.state_norms.every,
       train_length=config.data.seq_len,
+      data_config=config.data,
     )
     write_json(os.path.join(workdir, "eval", "state_norms.json"), summary)
     plot_state_norms(summary, os.path.join(workdir, "plots", "state_norms.png"))
