@@ -11,7 +11,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["scaled_rope_theta", "steps_in_ratio"]
+__all__ = ["LLAMA2_7B", "scaled_rope_theta", "steps_in_ratio"]
+
+# Llama-2-7b-hf's config.json (the chat model's is the same): the base of several recipes
+# (LWM, entropy-ABF); with init_from the folder's own config is used.
+LLAMA2_7B = dict(
+  vocab_size=32000,
+  d_model=4096,
+  num_layers=32,
+  num_heads=32,
+  num_kv_heads=32,
+  mlp_dim=11008,
+  rms_norm_eps=1e-5,
+)
 
 
 def scaled_rope_theta(theta: float, length: int, new_length: int) -> float:

@@ -47,7 +47,7 @@ Arguments: runlocal, smoke, init_from, data.
 """
 
 from lcjax.config import ConfigError, load_config, parse_arg
-from lcjax.recipes import scaled_rope_theta
+from lcjax.recipes import LLAMA2_7B, scaled_rope_theta
 from lcjax.train.config import base_config
 
 # (seq_len, rope_theta, tokens) per stage: the first table above (tokens unpublished).
@@ -59,17 +59,7 @@ UNSCALED_LAYERS = 2
 BASE = (4096, 1e4)
 ROWS = 16  # lcjax's choice: 6 steps x 16 rows ~ 100 samples
 LR = 2e-5  # lcjax's choice (not found in the reference)
-MODEL = dict(  # Llama-2-7b-chat-hf config.json; with init_from the folder's is used
-  vocab_size=32000,
-  d_model=4096,
-  num_layers=32,
-  num_heads=32,
-  num_kv_heads=32,
-  mlp_dim=11008,
-  rms_norm_eps=1e-5,
-  dtype="bfloat16",
-  remat="full",
-)
+MODEL = dict(LLAMA2_7B, dtype="bfloat16", remat="full")  # Llama-2-7b-chat-hf
 POD_CHIPS = 8
 CPU_DIVISOR = 32  # runlocal lengths: 128 (stage 1), 512 (eabf)
 CPU_TOKENS_PER_STEP = 8192  # stage 1; the eabf stage has ROWS rows of 512

@@ -39,7 +39,7 @@ Arguments: runlocal, smoke, init_from (a Hugging Face folder; required at full s
 """
 
 from lcjax.config import load_config, parse_arg
-from lcjax.recipes import scaled_rope_theta, steps_in_ratio
+from lcjax.recipes import LLAMA2_7B, scaled_rope_theta, steps_in_ratio
 from lcjax.train.config import base_config
 
 # (seq_len, rope_theta, tokens) per stage: the table above.
@@ -77,17 +77,7 @@ def get_config(arg=None):
   c.checkpoint.update(every_steps=200, keep=2)
   if small:
     return _cpu(c, smoke=arg.smoke)
-  c.model.update(  # Llama-2-7B; with init_from the checkpoint's config is used
-    vocab_size=32000,
-    d_model=4096,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=32,
-    mlp_dim=11008,
-    rms_norm_eps=1e-5,
-    dtype="bfloat16",
-    remat="full",
-  )
+  c.model.update(LLAMA2_7B, dtype="bfloat16", remat="full")  # init_from's config wins
   c.train.update(lr=LR, warmup_steps=0)
   c.eval.update(every_steps=0, ppl_lengths=(PUBLISHED[-1][0],), ppl_max_documents=4)
   c.parallel.update(context_strategy="ring", layout="zigzag")
