@@ -1,7 +1,7 @@
 """State capacity of tiny Mamba-2 models: MQAR recall vs. state size N, then passkey (a sweep).
 
   python scripts/sweep.py --config configs/mamba2_state_capacity.py:runlocal \
-      --workdir runs/state_capacity                    # ~18 min idle, 2 CPU cores (README)
+      --workdir runs/state_capacity                    # 16.6 min, 2 CPU cores (README)
   python scripts/sweep.py --config configs/mamba2_state_capacity.py \
       --workdir runs/state_capacity_full                             # the full grid
   python scripts/sweep.py --config configs/mamba2_state_capacity.py:smoke --workdir /tmp/sc
