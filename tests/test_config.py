@@ -131,6 +131,21 @@ def test_a_mistyped_rope_type_is_a_config_error_naming_the_field():
     validate_config(config, num_devices=1)
 
 
+def test_a_perplexity_document_cut_below_the_longest_length_is_rejected():
+  from lcjax.train.config import validate_config
+
+  lengths = {"eval.ppl_lengths": (64, 128)}
+  config = load_config(
+    "configs/quickstart.py:tiny", {**lengths, "eval.ppl_max_tokens_per_document": 128}
+  )
+  with pytest.raises(ConfigError, match=r"eval\.ppl_max_tokens_per_document=128 is not above"):
+    validate_config(config, num_devices=1)
+  config = load_config(
+    "configs/quickstart.py:tiny", {**lengths, "eval.ppl_max_tokens_per_document": 129}
+  )
+  validate_config(config, num_devices=1)
+
+
 def test_sink_window_layers_without_sinks_are_rejected():
   from lcjax.models import llama_config, validate_model
 

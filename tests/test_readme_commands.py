@@ -24,6 +24,7 @@ import dataclasses
 import fnmatch
 import importlib.util
 import io
+import json
 import math
 import os
 import re
@@ -419,7 +420,14 @@ def shrink_overrides(config, devices: int) -> dict[str, object]:
   if config.eval.ppl_lengths:
     # Windows of the row length: compiling the unrolled attention of longer ones costs more
     # than scoring one document's many short windows.
-    o.update({"eval.ppl_lengths": (seq,), "eval.ppl_max_documents": 1})
+    # ... and of its first 4 windows only (a whole document is hundreds of 32-token windows).
+    o.update(
+      {
+        "eval.ppl_lengths": (seq,),
+        "eval.ppl_max_documents": 1,
+        "eval.ppl_max_tokens_per_document": 4 * seq + 1,
+      }
+    )
   if config.eval.passkey.enabled:
     o.update(
       {"eval.passkey.lengths": (256,), "eval.passkey.depths": (0.5,), "eval.passkey.trials": 1}
@@ -587,11 +595,14 @@ def run_eval(ws: Workspace, cmd: Command) -> None:
     ws.run_helper(["python", "scripts/train.py", *argv[2:]])
   full = _python(_shrunk(ws, argv, _device_count(env)))
   output = _run(ws, full, env, full)
-  if (
-    _flag(full, "config.eval.ppl_lengths")
-    and not (Path(workdir) / "eval" / "ppl_vs_length.json").exists()
-  ):
-    _fail(ws, "0, but no eval/ppl_vs_length.json", full, output)
+  if _flag(full, "config.eval.ppl_lengths"):
+    ppl = Path(workdir) / "eval" / "ppl_vs_length.json"
+    if not ppl.exists():
+      _fail(ws, "0, but no eval/ppl_vs_length.json", full, output)
+    # The shrink's document cut reached the evaluation: a few windows of SEQ, not hundreds.
+    windows = [r["windows"] for rows in json.loads(ppl.read_text()).values() for r in rows]
+    if max(windows) > 8:
+      _fail(ws, f"0, but perplexity scored {max(windows)} windows, not at most 8", full, output)
   missing = [f for f in _eval_outputs(full) if not (Path(workdir) / f).exists()]
   if missing:
     _fail(ws, f"0, but no {', '.join(missing)}", full, output)

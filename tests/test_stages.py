@@ -42,6 +42,7 @@ def _config(stages=STAGES):
       "checkpoint.async_save": False,
       "eval.ppl_lengths": (64,),
       "eval.ppl_max_documents": 1,
+      "eval.ppl_max_tokens_per_document": 257,  # 4 windows, not the whole document
       "eval.rope_variants": {},
       "stages": stages,
     },

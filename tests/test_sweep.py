@@ -36,7 +36,8 @@ def get_config(arg=None):
   c.data.seq_len = 64
   c.train.update(steps=arg.steps, batch_size=8, lr=1e-3, warmup_steps=1, log_every=2)
   c.checkpoint.update(every_steps=2, keep=3, async_save=False)
-  c.eval.update(every_steps=0, ppl_lengths=(64, 128), ppl_max_documents=1)
+  c.eval.update(every_steps=0, ppl_lengths=(64, 128), ppl_max_documents=1,
+                ppl_max_tokens_per_document=513)
   c.attention.update(impl="reference")
   return c
 

@@ -295,6 +295,7 @@ def test_mixture_decomposition_and_passkey_through_the_trainer(tmp_path):
   c.eval.passkey = dict(enabled=True, lengths=(300,), depths=(0.0, 1.0), trials=2)
   c.eval.ppl_lengths = (32, 64)
   c.eval.ppl_max_documents = 2
+  c.eval.ppl_max_tokens_per_document = 129  # 4 windows of 32, 2 of 64 per document
   metrics = train(c, str(tmp_path / "mix"))
   assert "data/sources/short/documents" in metrics
   for path in ("eval/passkey.json", "plots/passkey_depth_length.png", "plots/ppl_vs_length.png"):
@@ -303,6 +304,9 @@ def test_mixture_decomposition_and_passkey_through_the_trainer(tmp_path):
   assert any("eval/passkey@300" in r for r in rows) and any(
     "eval/ppl@64/trained" in r for r in rows
   )
+  with open(tmp_path / "mix" / "eval" / "ppl_vs_length.json") as f:
+    trained = json.load(f)["trained"]
+  assert [(r["context_len"], r["windows"]) for r in trained] == [(32, 8), (64, 4)]
 
   c = _tiny_inprocess(tmp_path, steps=4)
   c.data.decomposition = dict(min_log2=3, max_log2=5, tokens_per_batch=256, curriculum="grow")

@@ -76,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
     ppl_protocol="sliding",  # or "truncated": one window of L tokens per document (YaRN)
     ppl_stride_fraction=1.0,  # sliding windows only
     ppl_max_documents=16,
+    # sliding protocol: score at most this many tokens of each kept document (None: all)
+    ppl_max_tokens_per_document=ml_collections.config_dict.placeholder(int),
     rope_variants={},  # name -> rope dict used at evaluation time (e.g. YaRN without training)
     # threshold: eval/passkey_max_length is the longest length with accuracy >= threshold
     passkey=dict(
@@ -171,6 +173,13 @@ def validate_config(
     f"eval.ppl_protocol={config.eval.ppl_protocol!r} is unknown; choose one of "
     f"{', '.join(PPL_PROTOCOLS)}",
   )
+  cut = config.eval.get("ppl_max_tokens_per_document")
+  if cut is not None and config.eval.ppl_lengths:
+    require(
+      cut > max(config.eval.ppl_lengths),
+      f"eval.ppl_max_tokens_per_document={cut} is not above the longest eval.ppl_lengths "
+      f"({max(config.eval.ppl_lengths)}); raise it or unset it (None scores whole documents)",
+    )
   _validate_eval_tasks(config.eval, model_cfg)
   validate_synthetic_evals(config.eval, config.data)
   validate_ruler_config(config.eval)

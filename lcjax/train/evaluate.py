@@ -87,6 +87,7 @@ def final_evaluations(config, workdir, params, model_cfg, step) -> dict[str, Any
         list(ev.ppl_lengths),
         stride_fraction=ev.ppl_stride_fraction,
         max_documents=ev.ppl_max_documents,
+        max_tokens_per_document=ev.get("ppl_max_tokens_per_document"),
         protocol=ev.ppl_protocol,
       )
       for row in results[name]:
