@@ -28,8 +28,8 @@ the tables printed, results.csv / results.md (the model's L1 per Δ and the kern
 Expect (README.md, "The bf16 RoPE study", has the measured tables): kernel fp32 mean
 |Δlogit| 1.2e-5 up to Δ=256, 9.8e-5 at 16K, 3.7e-4 at 65K (lcjax's fp32 angle rounding;
 1.5e-7 with exact angles); bf16 2.6e-3 (lcjax) / 4.3e-3 (HF) from Δ=1 on; model bf16 row
-L1 ~1e-2, 70-160x fp32 up to Δ=4096. 237 CPU-seconds (11 min wall on a shared, loaded
-2-core machine; the 600-step pretrain is most of it).
+L1 ~1e-2, 70-160x fp32 up to Δ=4096. 2 min 54 s on an idle 2-core machine (the 600-step
+pretrain 2 min 25 s).
 Args: `smoke` (a 2-layer model, 3 steps, tiny sizes: every output in seconds),
 `checkpoint=DIR`, `steps=`.
 """
