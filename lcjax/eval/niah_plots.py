@@ -13,9 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
 
 from lcjax.eval.plots import _save
 
@@ -65,6 +63,9 @@ def plot_niah_heatmap(
     raise ValueError(
       f"grid has shape {mean_DL.shape} but depths × lengths is {(len(depths), len(lengths))}"
     )
+  import matplotlib  # noqa: PLC0415 - imported when a figure is drawn (start-up time)
+  from matplotlib.figure import Figure  # noqa: PLC0415
+
   fig = Figure(figsize=(1.6 + 0.8 * len(lengths), 1.2 + 0.42 * len(depths)))
   ax = fig.add_subplot()
   cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#bbbbbb")

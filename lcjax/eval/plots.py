@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn: ~0.3 s of start-up
+  from matplotlib.figure import Figure
 
 __all__ = ["plot_ppl_vs_length", "plot_passkey_heatmap"]
 
@@ -22,6 +24,8 @@ __all__ = ["plot_ppl_vs_length", "plot_passkey_heatmap"]
 def _save(fig: Figure, path: str | os.PathLike) -> str:
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+
   FigureCanvasAgg(fig)
   fig.savefig(path, dpi=120, bbox_inches="tight")
   return path
@@ -48,6 +52,8 @@ def plot_ppl_vs_length(
   """
   if not results:
     raise ValueError("results is empty; pass {variant name: perplexity_vs_length(...)}")
+  from matplotlib.figure import Figure  # noqa: PLC0415
+
   fig = Figure(figsize=(6, 4))
   ax = fig.add_subplot()
   all_ppl = []
@@ -98,6 +104,8 @@ def plot_passkey_heatmap(
       "pass the grid indexed [length][depth]"
     )
   acc_DL = acc_LD.T
+  from matplotlib.figure import Figure  # noqa: PLC0415
+
   fig = Figure(figsize=(1.0 + 0.8 * len(lengths), 1.0 + 0.45 * len(depths)))
   ax = fig.add_subplot()
   image = ax.imshow(acc_DL, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
