@@ -49,3 +49,35 @@ def steps_in_ratio(tokens: Sequence[float], total_steps: int) -> tuple[int, ...]
     raise ValueError(f"steps_in_ratio({tokens}, {total_steps}): need positive tokens, a step each")
   scale = total_steps / sum(tokens)
   return tuple(max(1, round(t * scale)) for t in tokens)
+
+
+def cpu_stage(
+  length: int,
+  theta: float,
+  divisor: int,
+  *,
+  steps: int,
+  warmup_steps: int,
+  tokens_per_step: int,
+  smoke: bool = False,
+) -> dict:
+  """The overrides of one CPU-sized stage standing in for a published (`length`, θ) stage.
+
+  Rows of length // `divisor` tokens, θ rescaled by `scaled_rope_theta`, `tokens_per_step`
+  tokens a step (2 rows in smoke), a checkpoint halfway and at the end. Recipes add their
+  own keys (lr, data mixture, optimizer carry-over).
+  """
+  T = length // divisor
+  return {
+    "data.seq_len": T,
+    "model.max_position_embeddings": T,
+    "model.rope": dict(
+      rope_type="default",
+      rope_theta=round(scaled_rope_theta(theta, length, T), 1),
+      max_position_embeddings=T,
+    ),
+    "train.batch_size": tokens_per_step // T if not smoke else 2,
+    "train.steps": steps,
+    "train.warmup_steps": warmup_steps,
+    "checkpoint.every_steps": max(steps // 2, 1),
+  }

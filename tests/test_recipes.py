@@ -20,7 +20,7 @@ from lcjax.config import ConfigError, load_config, load_module
 from lcjax.data import build_source, describe_document
 from lcjax.data.sources import DataPathNotFoundError
 from lcjax.data.stdlib_corpus import stdlib_root
-from lcjax.recipes import scaled_rope_theta, steps_in_ratio
+from lcjax.recipes import cpu_stage, scaled_rope_theta, steps_in_ratio
 from lcjax.sweep.points import point_config
 from lcjax.sweep.stages import stage_configs, stages_spec
 from lcjax.train.config import validate_config
@@ -319,3 +319,19 @@ def test_smoke_chain_runs(path, tmp_path):
   stages = sorted(p.name for p in workdir.glob("stage-*") if p.is_dir())
   assert len(stages) == len(stage_configs(load_config(f"{path}:smoke"))), stages
   assert (workdir / "results.csv").exists()
+
+
+def test_cpu_stage_scales_rows_and_theta_and_keeps_tokens_per_step():
+  stage = cpu_stage(32768, 5e5, 32, steps=9, warmup_steps=2, tokens_per_step=8192)
+  assert stage["data.seq_len"] == stage["model.max_position_embeddings"] == 1024
+  rope = stage["model.rope"]
+  assert rope["max_position_embeddings"] == 1024 and rope["rope_type"] == "default"
+  assert rope["rope_theta"] == round(scaled_rope_theta(5e5, 32768, 1024), 1) < 5e5
+  assert (stage["train.batch_size"], stage["train.steps"], stage["train.warmup_steps"]) == (8, 9, 2)
+  assert stage["checkpoint.every_steps"] == 4
+  assert (
+    cpu_stage(32768, 5e5, 32, steps=1, warmup_steps=0, tokens_per_step=8192, smoke=True)[
+      "train.batch_size"
+    ]
+    == 2
+  )

@@ -47,7 +47,7 @@ Arguments: runlocal, smoke, init_from, data.
 """
 
 from lcjax.config import ConfigError, load_config, parse_arg
-from lcjax.recipes import LLAMA2_7B, scaled_rope_theta
+from lcjax.recipes import LLAMA2_7B, cpu_stage, scaled_rope_theta
 from lcjax.train.config import base_config
 
 # (seq_len, rope_theta, tokens) per stage: the first table above (tokens unpublished).
@@ -137,22 +137,18 @@ def _cpu(c, *, smoke: bool):
     c.model.update(d_model=64, num_layers=3, mlp_dim=176)
     c.attention.update(block_q=64, block_kv=64)
   (seq_len, theta, _), (base_len, base_theta) = PUBLISHED[-1], BASE
-  T, T0 = seq_len // divisor, base_len // divisor
+  T = seq_len // divisor
   c.eval.update(every_steps=0, ppl_lengths=(T,), ppl_max_documents=16, ppl_protocol="truncated")
-  base = {
-    "data.seq_len": T0,
-    "model.max_position_embeddings": T0,
-    "model.rope": dict(
-      rope_type="default",
-      rope_theta=round(scaled_rope_theta(base_theta, base_len, T0), 1),
-      max_position_embeddings=T0,
-    ),
-    "train.batch_size": CPU_TOKENS_PER_STEP // T0 if not smoke else 2,
-    "train.steps": steps[0],
-    "train.schedule": "cosine",
-    "train.warmup_steps": min(5, steps[0] - 1),
-    "checkpoint.every_steps": max(steps[0] // 2, 1),
-  }
+  base = cpu_stage(
+    base_len,
+    base_theta,
+    divisor,
+    steps=steps[0],
+    warmup_steps=min(5, steps[0] - 1),
+    tokens_per_step=CPU_TOKENS_PER_STEP,
+    smoke=smoke,
+  )
+  base["train.schedule"] = "cosine"
   if smoke:
     c.eval.ppl_max_documents = 1
     base["eval.ppl_lengths"] = ()  # evaluate only the last stage

@@ -38,7 +38,7 @@ Arguments: runlocal, smoke, init_from, data, size (7b or 13b).
 """
 
 from lcjax.config import ConfigError, load_config, parse_arg
-from lcjax.recipes import scaled_rope_theta
+from lcjax.recipes import cpu_stage
 from lcjax.train.config import base_config
 
 # (seq_len, rope_theta, tokens) per stage: the table above.
@@ -132,20 +132,15 @@ def _cpu(c, *, smoke: bool):
   stages = []
   lengths = [(BASE[0], BASE[1], 5), *[(s, t, None) for s, t, _ in PUBLISHED]]
   for (seq_len, theta, warmup), n in zip(lengths, steps, strict=True):
-    T = seq_len // divisor
-    stage = {
-      "data.seq_len": T,
-      "model.max_position_embeddings": T,
-      "model.rope": dict(
-        rope_type="default",
-        rope_theta=round(scaled_rope_theta(theta, seq_len, T), 1),
-        max_position_embeddings=T,
-      ),
-      "train.batch_size": CPU_TOKENS_PER_STEP // T if not smoke else 2,
-      "train.steps": n,
-      "train.warmup_steps": min(n - 1, warmup if warmup else max(1, round(warmup_share * n))),
-      "checkpoint.every_steps": max(n // 2, 1),
-    }
+    stage = cpu_stage(
+      seq_len,
+      theta,
+      divisor,
+      steps=n,
+      warmup_steps=min(n - 1, warmup if warmup else max(1, round(warmup_share * n))),
+      tokens_per_step=CPU_TOKENS_PER_STEP,
+      smoke=smoke,
+    )
     if smoke and not stages:  # evaluate only the last stage
       stage["eval.ppl_lengths"] = ()
     stages.append(stage)

@@ -39,7 +39,7 @@ Arguments: runlocal, smoke, init_from (a Hugging Face folder; required at full s
 """
 
 from lcjax.config import load_config, parse_arg
-from lcjax.recipes import LLAMA2_7B, scaled_rope_theta, steps_in_ratio
+from lcjax.recipes import LLAMA2_7B, cpu_stage, steps_in_ratio
 from lcjax.train.config import base_config
 
 # (seq_len, rope_theta, tokens) per stage: the table above.
@@ -123,21 +123,16 @@ def _cpu(c, *, smoke: bool):
     steps = steps_in_ratio([tokens for _, _, tokens in PUBLISHED], CPU_STEPS)
   stages = []
   for (seq_len, theta, _), n in zip(PUBLISHED, steps, strict=True):
-    T = seq_len // divisor
     stages.append(
-      {
-        "data.seq_len": T,
-        "model.max_position_embeddings": T,
-        "model.rope": dict(
-          rope_type="default",
-          rope_theta=round(scaled_rope_theta(theta, seq_len, T), 1),
-          max_position_embeddings=T,
-        ),
-        "train.batch_size": CPU_TOKENS_PER_STEP // T if not smoke else 2,
-        "train.steps": n,
-        "train.warmup_steps": min(5, n - 1),
-        "checkpoint.every_steps": max(n // 2, 1),
-      }
+      cpu_stage(
+        seq_len,
+        theta,
+        divisor,
+        steps=n,
+        warmup_steps=min(5, n - 1),
+        tokens_per_step=CPU_TOKENS_PER_STEP,
+        smoke=smoke,
+      )
     )
     if smoke and len(stages) < len(PUBLISHED):  # evaluate only the last stage
       stages[-1]["eval.ppl_lengths"] = ()

@@ -82,7 +82,7 @@ Arguments: runlocal, smoke, init_from, data_64k, data_512k, and one per source n
 """
 
 from lcjax.config import ConfigError, load_config, parse_arg
-from lcjax.recipes import scaled_rope_theta
+from lcjax.recipes import cpu_stage
 from lcjax.train.config import base_config
 
 # (seq_len, rope_theta, tokens) per stage: the first table above.
@@ -230,7 +230,6 @@ def _cpu(c, *, smoke: bool):
   short = dict(zip(("min_bytes", "max_bytes"), CPU_SHORT_BYTES, strict=True))
   stages = []
   for k, ((seq_len, theta, _), n) in enumerate(zip(PUBLISHED, steps, strict=True)):
-    T = seq_len // divisor
     mixture = [
       {
         "name": name,
@@ -242,22 +241,18 @@ def _cpu(c, *, smoke: bool):
       {"name": name, "weight": fraction, "source": {"kind": "stdlib", **short}}
       for name, fraction in SHORT.items()
     ]
-    stage = {
-      "data.seq_len": T,
-      "data.mixture": mixture,
-      "model.max_position_embeddings": T,
-      "model.rope": dict(
-        rope_type="default",
-        rope_theta=round(scaled_rope_theta(theta, seq_len, T), 1),
-        max_position_embeddings=T,
-      ),
-      "train.batch_size": CPU_TOKENS_PER_STEP[k] // T if not smoke else 2,
-      "train.steps": n,
-      "train.lr": CPU_LRS[k],
-      "train.warmup_steps": min(n - 1, max(1, round(WARMUP_RATIO * n))),
-      "train.carry_optimizer_state": k > 0,
-      "checkpoint.every_steps": max(n // 2, 1),
-    }
+    stage = cpu_stage(
+      seq_len,
+      theta,
+      divisor,
+      steps=n,
+      warmup_steps=min(n - 1, max(1, round(WARMUP_RATIO * n))),
+      tokens_per_step=CPU_TOKENS_PER_STEP[k],
+      smoke=smoke,
+    )
+    stage.update(
+      {"data.mixture": mixture, "train.lr": CPU_LRS[k], "train.carry_optimizer_state": k > 0}
+    )
     if smoke and k < len(PUBLISHED) - 1:  # evaluate only the last stage
       stage["eval.ppl_lengths"] = ()
     stages.append(stage)

@@ -49,7 +49,7 @@ long_256k, short.
 """
 
 from lcjax.config import ConfigError, load_config, parse_arg
-from lcjax.recipes import scaled_rope_theta
+from lcjax.recipes import cpu_stage
 from lcjax.train.config import base_config
 
 # (seq_len, rope_theta, tokens) per stage: the table above (tokens unpublished).
@@ -174,19 +174,15 @@ def _cpu(c, *, smoke: bool):
   stages = []
   for k, ((seq_len, theta, _), n) in enumerate(zip(PUBLISHED, steps, strict=True)):
     T = seq_len // divisor
-    stage = {
-      "data.seq_len": T,
-      "model.max_position_embeddings": T,
-      "model.rope": dict(
-        rope_type="default",
-        rope_theta=round(scaled_rope_theta(theta, seq_len, T), 1),
-        max_position_embeddings=T,
-      ),
-      "train.batch_size": CPU_TOKENS_PER_STEP // T if not smoke else 2,
-      "train.steps": n,
-      "train.warmup_steps": min(n - 1, max(1, round(WARMUP_RATIO * n))),
-      "checkpoint.every_steps": max(n // 2, 1),
-    }
+    stage = cpu_stage(
+      seq_len,
+      theta,
+      divisor,
+      steps=n,
+      warmup_steps=min(n - 1, max(1, round(WARMUP_RATIO * n))),
+      tokens_per_step=CPU_TOKENS_PER_STEP,
+      smoke=smoke,
+    )
     if k + 1 >= FIRST_MIXED_STAGE:
       stage["data.mixture"] = _mixture(
         {"kind": "stdlib", "min_bytes": T},
