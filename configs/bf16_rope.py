@@ -16,20 +16,22 @@ Points: `pretrain` trains the quickstart (configs/quickstart.py: a 4-layer d128 
 256-token rows, 600 steps) without its perplexity evaluation; `bf16_rope` (eval only, after
 it) runs `eval.bf16_rope`: (a) kernel level, random q, k (head_dim 128) shifted by Δ up to
 2^19: mean |Δlogit| and the L1 change of softmax rows over 1K/8K/32K keys with and without a
-sink key, for fp32, HF-style bf16, lcjax's bf16 path and fp32 with exact angles; (b) model
+sink key, for fp32 (lcjax: exact angles), fp32 with HF's angles (one rounded fp32 product),
+HF-style bf16 and lcjax's bf16 path; (b) model
 level, the checkpoint on the first 4,096 tokens of a held-out file with positions
 arange(T) + Δ: per layer and context, the L1 change of attention rows from Δ = 0 in fp32 and
 bf16, with and without the first column, with global positions and with the first (anchor)
-token held at position 0; (c) the fp32 angle rounding of lcjax's `rope_cos_sin`. With
+token held at position 0, and the file's perplexity in 256-token windows under shifts up to
+2^22; (c) the angle rounding of HF's fp32 product and of lcjax's `rope_cos_sin`. With
 `checkpoint=DIR` the sweep measures that run folder's newest checkpoint instead (one point).
 
 Outputs (WORKDIR): bf16_rope/eval/bf16_rope.json (every number), plots/bf16_rope_shift.png,
 the tables printed, results.csv / results.md (the model's L1 per Δ and the kernel logits).
 Expect (README.md, "The bf16 RoPE study", has the measured tables): kernel fp32 mean
-|Δlogit| 1.2e-5 up to Δ=256, 9.8e-5 at 16K, 3.7e-4 at 65K (lcjax's fp32 angle rounding;
-1.5e-7 with exact angles); bf16 2.6e-3 (lcjax) / 4.3e-3 (HF) from Δ=1 on; model bf16 row
-L1 ~1e-2, 70-160x fp32 up to Δ=4096. 2 min 54 s on an idle 2-core machine (the 600-step
-pretrain 2 min 25 s).
+|Δlogit| 1.1e-7-1.4e-7 up to Δ=2^19 (with HF's angles 9.8e-5 at 16K, 3.7e-4 at 65K); bf16
+2.6e-3 (lcjax) / 4.3e-3 (HF) from Δ=1 on; model bf16 row L1 ~1e-2, ~8,000x fp32; perplexity
+flat with exact angles, 1.3e-3 off at Δ=2^22 with HF's. 2 min 54 s on an idle 2-core machine
+(the 600-step pretrain 2 min 18 s).
 Args: `smoke` (a 2-layer model, 3 steps, tiny sizes: every output in seconds),
 `checkpoint=DIR`, `steps=`.
 """
@@ -65,7 +67,10 @@ def _study(arg) -> dict:
     contexts=(256, 512, 1024, 2048, 4096),
     rows_per_context=32,
     schemes=("global", "anchor"),
-    variants=("fp32", "bf16", "fp32_exact_angles"),
+    variants=("fp32", "bf16", "fp32_hf_angles"),
+    # Perplexity of the same file in 256-token windows (the quickstart's rows) at
+    # positions shifted by Δ: does the angle arithmetic change the loss? (lcjax.eval.precision)
+    perplexity=dict(window=256, deltas=(4096, 65536, 524288, 1048576, 4194304)),
     block=512,  # blockwise attention blocks of the measured forward (CPU compile time)
     summary_delta=4096,
     plot="plots/bf16_rope_shift.png",  # relative to the point's run folder
@@ -87,6 +92,7 @@ def _study(arg) -> dict:
       contexts=(32, 64, 128),
       rows_per_context=8,
       block=128,
+      perplexity=dict(window=32, deltas=(524288,)),
     )
   return study
 
@@ -121,4 +127,5 @@ def sweep(add, arg=None):
 
 def metrics(arg=None):
   del arg
-  return ["eval/bf16_rope/model_*_l1@*"]  # every number: bf16_rope/eval/bf16_rope.json
+  # Every number is in bf16_rope/eval/bf16_rope.json.
+  return ["eval/bf16_rope/model_*_l1@*", "eval/bf16_rope/ppl_*"]

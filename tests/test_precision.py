@@ -36,10 +36,10 @@ def kernel(smoke):
 def test_fp32_is_exact_at_zero_and_near_invariant_for_small_shifts(kernel):
   for path, values in kernel["logit"].items():
     assert values[0] == 0.0, path  # Δ = 0 recomputes the same logits bit for bit
-  fp32, exact = kernel["logit"]["fp32"], kernel["logit"]["fp32_exact_angles"]
-  assert fp32[1] < 1e-5
-  assert max(exact) < 1e-6  # exact angles: fp32 rotation alone is ~1e-7
-  assert fp32[3] > 30 * exact[3]  # at Δ=65,536 lcjax's fp32 angle rounding shows
+  fp32, hf_angles = kernel["logit"]["fp32"], kernel["logit"]["fp32_hf_angles"]
+  assert hf_angles[1] < 1e-5
+  assert max(fp32) < 1e-6  # lcjax's exact angles: the fp32 rotation alone is ~1e-7
+  assert hf_angles[3] > 30 * fp32[3]  # at Δ=65,536 HF's fp32 angle rounding shows
 
 
 def test_bf16_paths_break_invariance_and_hf_is_worse_than_lcjax(kernel):
@@ -69,7 +69,8 @@ def test_hf_bf16_rope_rounds_every_op_like_torch(kernel):
   positions = np.arange(512) * 997 + 100_000
   inv_freq_K, _ = compute_inv_freq({"rope_type": "default", "rope_theta": 10000.0}, 32)
   ours = np.asarray(precision.rotate(x_ND, positions, "hf_bf16", inv_freq_K))
-  cos_NK, sin_NK = (np.asarray(t[0]) for t in rope_cos_sin(inv_freq_K, 1.0, positions[None]))
+  hf_cos_sin = rope_cos_sin(inv_freq_K, 1.0, positions[None], exact_angles=False)
+  cos_NK, sin_NK = (np.asarray(t[0]) for t in hf_cos_sin)
   bf16 = ml_dtypes.bfloat16
   x = x_ND.astype(bf16)
   cos, sin = np.tile(cos_NK, 2).astype(bf16), np.tile(sin_NK, 2).astype(bf16)
@@ -79,12 +80,14 @@ def test_hf_bf16_rope_rounds_every_op_like_torch(kernel):
   assert np.mean(ours != lcjax) > 0.1  # the two bf16 paths round differently
 
 
-def test_angle_rounding_grows_to_a_sixty_fourth_of_a_radian_at_512k():
+def test_hf_angle_rounding_grows_to_a_sixty_fourth_of_a_radian_at_512k_and_lcjax_has_none():
   angles = precision.angle_rounding(head_dim=32, starts=(4096, 524288), span=256)
   small, large = angles["product_rounding"]
   assert small < 2.5e-4  # fp32 spacing 2^-11 at angles near 4096
   assert 0.01 < large <= 2**-6 + 1e-6  # half of 2^-5, the spacing at angles in [2^18, 2^19)
-  assert angles["table_error"][1] >= 0.9 * large
+  assert angles["hf_table_error"][1] >= 0.9 * large
+  # lcjax's exact angles: float32 cos/sin of an angle in [-π, π] (ulp 2^-22 near π).
+  assert max(angles["table_error"]) < 1e-6
 
 
 def test_bad_inputs_fail_with_one_clear_error(smoke):
@@ -171,16 +174,16 @@ def test_model_shift_study_on_a_tiny_model(evaluation):
   assert set(res) == {
     "global/fp32",
     "global/bf16",
-    "global/fp32_exact_angles",
+    "global/fp32_hf_angles",
     "anchor/fp32",
     "anchor/bf16",
   }
   mean = lambda name, key, d: float(np.mean(res[name][key][d]))  # noqa: E731
-  exact = max(mean("global/fp32_exact_angles", "l1", d) for d in range(2))
+  hf_angles = [mean("global/fp32_hf_angles", "l1", d) for d in range(2)]
   fp32 = [mean("global/fp32", "l1", d) for d in range(2)]
   bf16 = [mean("global/bf16", "l1", d) for d in range(2)]
-  assert exact < 1e-5 and fp32[0] < 1e-5
-  assert fp32[1] > 10 * exact  # fp32 angle rounding at Δ = 65,536
+  assert max(fp32) < 1e-5 and hf_angles[0] < 1e-5
+  assert hf_angles[1] > 10 * max(fp32)  # HF's fp32 angle rounding at Δ = 65,536
   assert all(b > 10 * f for b, f in zip(bf16, fp32, strict=True))
   assert mean("global/bf16", "l1_vs_fp32", 0) > 10 * fp32[0]
   # Holding the first token at 0 changes its distance to every query: not relative.
@@ -201,6 +204,21 @@ def test_bf16_rope_evaluation_writes_every_output(evaluation, smoke):
   assert saved["model"]["length"] == smoke.eval.bf16_rope.length
   text = precision.format_tables(saved)
   assert "lcjax_bf16 nosink" in text and "anchor/bf16 vs fp32" in text
+  ppl = saved["perplexity"]
+  assert ppl["deltas"] == [0, 524288] and ppl["window"] == 32
+  assert lines["eval/bf16_rope/ppl_fp32_hf_angles@524288"] == ppl["ppl"]["fp32_hf_angles"][1]
+  assert "perplexity of the file at positions shifted" in text
+
+
+def test_shift_perplexity_is_flat_with_exact_angles_and_moves_with_hf_angles(evaluation):
+  """RoPE makes the loss independent of a shift; only the arithmetic can change it."""
+  ppl = evaluation[0]["perplexity"]
+  fp32, hf = ppl["ppl"]["fp32"], ppl["ppl"]["fp32_hf_angles"]
+  assert fp32[0] == pytest.approx(hf[0], rel=1e-6)  # the same model at Δ = 0
+  assert abs(fp32[1] / fp32[0] - 1) < 1e-5  # fp32 noise of the rotation only
+  assert abs(hf[1] / hf[0] - 1) > 10 * abs(fp32[1] / fp32[0] - 1)
+  checks = evaluation[0]["checks"]
+  assert checks["ppl_change_fp32"] == pytest.approx(abs(fp32[1] / fp32[0] - 1))
 
 
 @pytest.mark.slow

@@ -11,16 +11,19 @@ position 0. The measurement shifts all position ids by Δ and compares with Δ =
 - Kernel level (`kernel_shift_study`): random q, k; the mean |Δlogit| of (query, key) pairs
   under a shift, and the L1 change of softmax rows over L keys with and without a
   high-logit first key (a sink), for each rotation path of `ROTATIONS`: lcjax's fp32 path,
-  HF-style bf16 (cos/sin cast to bf16 first, `hf_bf16_rope`), lcjax's bf16 path (fp32
-  rotation, one cast at the end) and fp32 with exactly computed angles. Logits and
-  softmax are then taken in float64 on the host, so the numbers measure the rotation only.
-- Model level (`attention_probs`, `model_shift_study`): a trained model's attention
-  probabilities per layer, recomputed from each layer's own q/k projections and RoPE while
-  the hidden states advance through the layers themselves; the L1 change of attention rows
-  from Δ = 0 per layer and per context length, with and without the first column, in
-  fp32 and bf16, with global positions and with the first (anchor) token held at 0.
-- Side finding (`angle_rounding`): lcjax's `rope_cos_sin` forms `float32(pos) * inv_freq`
-  in fp32, whose rounding step grows with the angle (2^-5 rad at angles in [2^18, 2^19)).
+  fp32 with HF's angles (one rounded fp32 product), HF-style bf16 (cos/sin cast to bf16
+  first, `hf_bf16_rope`) and lcjax's bf16 path (fp32 rotation, one cast at the end). Logits
+  and softmax are then taken in float64 on the host, so the numbers measure the rotation only.
+- Model level (`lcjax.eval.precision_model`: `attention_probs`, `model_shift_study`): a
+  trained model's attention probabilities per layer, recomputed from each layer's own q/k
+  projections and RoPE while the hidden states advance through the layers themselves; the
+  L1 change of attention rows from Δ = 0 per layer and per context length, with and without
+  the first column, in fp32 and bf16, with global positions and with the first (anchor)
+  token held at 0; and the perplexity of the same file under the shift (`shift_perplexity`).
+- Side finding (`angle_rounding`): HF forms the angle as one fp32 product
+  `float32(pos) * inv_freq`, whose rounding step grows with the angle (2^-5 rad at angles in
+  [2^18, 2^19)); lcjax did too until it counted angles in turns
+  (`lcjax.positional.angles`). `fp32_hf_angles` keeps HF's product to measure what it costs.
 - `bf16_rope_evaluation`: all of it for one checkpoint, as `eval/bf16_rope.json`, a figure
   and metric lines; `final_evaluations` runs it when `eval.bf16_rope.enabled`. The study is
   configs/bf16_rope.py, run by scripts/sweep.py.
@@ -36,34 +39,40 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from lcjax.attention import MaskSpec
 from lcjax.data import make_eval_documents
 from lcjax.eval.io import write_json
+from lcjax.eval.precision_model import (
+  MODEL_VARIANTS,
+  attention_probs,
+  model_shift_study,
+  shift_perplexity,
+)
 from lcjax.eval.precision_report import acceptance_checks, at_delta, format_tables, plot_bf16_rope
-from lcjax.models.transformer import layer_rope
 from lcjax.positional.rope import apply_rope, compute_inv_freq, rope_cos_sin
 
 __all__ = [
+  "MODEL_VARIANTS",
   "ROTATIONS",
   "angle_rounding",
   "attention_probs",
   "bf16_rope_evaluation",
-  "exact_angle_cos_sin",
   "format_tables",
   "hf_bf16_rope",
   "kernel_shift_study",
   "model_shift_study",
   "plot_bf16_rope",
   "rotate",
+  "shift_perplexity",
 ]
 
-# fp32: lcjax's rope_cos_sin + apply_rope on float32 q/k. fp32_exact_angles: the same with
-# angles formed in float64 and reduced mod 2π before the fp32 cos/sin (no angle rounding).
-# hf_bf16: transformers' bf16 path (cos/sin cast to bf16, bf16 ops). lcjax_bf16: apply_rope
-# on bf16 q/k (fp32 rotation, then one cast), what lcjax's models do in bf16.
-ROTATIONS = ("fp32", "fp32_exact_angles", "hf_bf16", "lcjax_bf16")
+# fp32: lcjax's rope_cos_sin (exact angles) + apply_rope on float32 q/k. fp32_hf_angles: the
+# same rotation on HF's angles, one fp32 product `float32(pos) * inv_freq` (what lcjax did
+# before it counted angles in turns). hf_bf16: transformers' bf16 path (HF's angles, cos/sin
+# cast to bf16, bf16 ops). lcjax_bf16: apply_rope on bf16 q/k (exact angles, fp32 rotation,
+# then one cast), what lcjax's models do in bf16.
+ROTATIONS = ("fp32", "fp32_hf_angles", "hf_bf16", "lcjax_bf16")
+_EXACT_ANGLES = {"fp32": True, "fp32_hf_angles": False, "hf_bf16": False, "lcjax_bf16": True}
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -95,41 +104,23 @@ def hf_bf16_rope(x_BTHD: jax.Array, cos_BTK: jax.Array, sin_BTK: jax.Array) -> j
   return _bf16_round(_bf16_round(x_BTHD * cos_BT1D) + _bf16_round(rotated_BTHD * sin_BT1D))
 
 
-def exact_angle_cos_sin(
-  inv_freq_K: Any, positions_BT: Any, attention_factor: float = 1.0
-) -> tuple[jax.Array, jax.Array]:
-  """`rope_cos_sin` with angles formed in float64 on the host and reduced mod 2π (fp32 out).
-
-  Same frequencies (lcjax's float32 `inv_freq`), no rounding of `pos * inv_freq`: the
-  reference for the side finding that fp32 angles lose precision at large positions.
-  """
-  inv_freq_K = np.asarray(inv_freq_K, np.float64)
-  angles_BTK = np.asarray(positions_BT, np.float64)[..., None] * inv_freq_K
-  angles_BTK = np.mod(angles_BTK, 2 * np.pi).astype(np.float32)
-  factor = np.float32(attention_factor)
-  return jnp.cos(angles_BTK) * factor, jnp.sin(angles_BTK) * factor
-
-
 def rotate(x_ND: Any, positions_N: Any, path: str, inv_freq_K: Any) -> jax.Array:
   """Rotates vectors `x_ND` at `positions_N` by the rotation path `path` (see `ROTATIONS`).
 
-  Returns float32 [N, D]; for the bf16 paths every value is a bf16 number.
+  Returns float32 [N, D]; for the bf16 paths every value is a bf16 number. The cos/sin tables
+  are formed eagerly (exact angles need `inv_freq_K` on the host), the rotation compiled.
   """
   if path not in ROTATIONS:
     raise ValueError(f"rotation path {path!r} is unknown; choose one of {', '.join(ROTATIONS)}")
-  x_ND = jnp.asarray(x_ND, jnp.float32)
-  positions_1N = np.asarray(positions_N)[None]
-  if path == "fp32_exact_angles":
-    cos_1NK, sin_1NK = exact_angle_cos_sin(inv_freq_K, positions_1N)
-    return _rotate_jit(x_ND, cos_1NK, sin_1NK, path)
-  return _rotate_jit(x_ND, jnp.asarray(positions_1N, jnp.int32), jnp.asarray(inv_freq_K), path)
+  positions_1N = jnp.asarray(np.asarray(positions_N)[None], jnp.int32)
+  cos_1NK, sin_1NK = rope_cos_sin(
+    np.asarray(inv_freq_K, np.float32), 1.0, positions_1N, exact_angles=_EXACT_ANGLES[path]
+  )
+  return _rotate_jit(jnp.asarray(x_ND, jnp.float32), cos_1NK, sin_1NK, path)
 
 
 @jax.jit(static_argnames="path")
-def _rotate_jit(x_ND, a, b, path):
-  """Rotation by `path`: (a, b) are (cos, sin) for fp32_exact_angles, else (positions,
-  inv_freq), from which lcjax's `rope_cos_sin` forms the tables (in one compiled program)."""
-  cos_1NK, sin_1NK = (a, b) if path == "fp32_exact_angles" else rope_cos_sin(b, 1.0, a)
+def _rotate_jit(x_ND, cos_1NK, sin_1NK, path):
   x_1N1D = x_ND[None, :, None, :]
   if path == "hf_bf16":
     out_1N1D = hf_bf16_rope(x_1N1D, cos_1NK, sin_1NK)
@@ -277,238 +268,41 @@ def angle_rounding(
   starts: Sequence[int] = (4096, 65536, 262144, 524288),
   span: int = 2048,
 ) -> dict[str, Any]:
-  """How far lcjax's fp32 RoPE angles and tables are from exact, at positions [start, start+span).
+  """How far RoPE angles and tables are from exact, at positions [start, start + span).
 
-  `rope_cos_sin` forms `float32(pos) * inv_freq` in fp32: the product is rounded to the fp32
-  grid of the angle (spacing 2^(e-23) for angles in [2^e, 2^(e+1))), and the error depends
-  on the absolute position, so it breaks relative invariance even in fp32. Per start:
-  `product_rounding`, the largest |fp32 angle - float64 angle| with the same float32
-  inv_freq (what rope_cos_sin's product loses); `table_error`, the largest angle error of
-  rope_cos_sin's cos/sin tables themselves (atan2 of the tables against the float64 angle,
-  wrapped to (-π, π]), which adds the fp32 cos/sin range reduction; `inv_freq_rounding`, the
+  HF forms `float32(pos) * inv_freq` in fp32: the product is rounded to the fp32 grid of the
+  angle (spacing 2^(e-23) for angles in [2^e, 2^(e+1))), and the error depends on the absolute
+  position, so it breaks relative invariance even in fp32. Per start, in radians, against the
+  float64 angle with the same float32 inv_freq: `product_rounding`, the largest error of that
+  product; `hf_table_error` and `table_error`, the largest angle error of the cos/sin tables
+  of `rope_cos_sin` with HF's angles and with lcjax's (exact) angles (atan2 of the tables,
+  wrapped to (-π, π]), which adds the fp32 cos/sin themselves; `inv_freq_rounding`, the
   largest |float64(float32 inv_freq) - exact inv_freq| × position, a consistent change of
-  frequency that keeps relative invariance. All in radians.
+  frequency that keeps relative invariance.
   """
   inv_freq_K, _ = compute_inv_freq({"rope_type": "default", "rope_theta": rope_theta}, head_dim)
   inv64_K = np.asarray(inv_freq_K, np.float64)
   exact_K = 1.0 / (float(rope_theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
   out = {"starts": [int(s) for s in starts], "span": span}
-  for key in ("product_rounding", "table_error", "inv_freq_rounding"):
+  keys = ("product_rounding", "hf_table_error", "table_error", "inv_freq_rounding")
+  for key in keys:
     out[key] = []
+
+  def table_error(pos_1T, angle64_TK, exact):
+    cos_1TK, sin_1TK = rope_cos_sin(inv_freq_K, 1.0, pos_1T, exact_angles=exact)
+    table_TK = np.arctan2(np.asarray(sin_1TK[0], np.float64), np.asarray(cos_1TK[0], np.float64))
+    return float(np.abs(np.angle(np.exp(1j * (table_TK - angle64_TK)))).max())
+
   for start in starts:
     pos_T = np.arange(start, start + span)
+    pos_1T = jnp.asarray(pos_T[None], jnp.int32)
     angle32_TK = np.asarray(jnp.asarray(pos_T, jnp.float32)[:, None] * inv_freq_K, np.float64)
     angle64_TK = pos_T[:, None].astype(np.float64) * inv64_K
-    cos_1TK, sin_1TK = rope_cos_sin(inv_freq_K, 1.0, jnp.asarray(pos_T[None], jnp.int32))
-    table_TK = np.arctan2(np.asarray(sin_1TK[0], np.float64), np.asarray(cos_1TK[0], np.float64))
-    wrapped_TK = np.angle(np.exp(1j * (table_TK - angle64_TK)))
     out["product_rounding"].append(float(np.abs(angle32_TK - angle64_TK).max()))
-    out["table_error"].append(float(np.abs(wrapped_TK).max()))
+    out["hf_table_error"].append(table_error(pos_1T, angle64_TK, exact=False))
+    out["table_error"].append(table_error(pos_1T, angle64_TK, exact=True))
     out["inv_freq_rounding"].append(float((np.abs(inv64_K - exact_K) * pos_T[-1]).max()))
   return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Model level.
-
-
-def attention_probs(
-  model,
-  tokens_BT: jax.Array,
-  positions_BT: jax.Array,
-  *,
-  rows_R: jax.Array | None = None,
-  segment_ids_BT: jax.Array | None = None,
-  rope=None,
-) -> list[jax.Array | None]:
-  """Per layer, the attention probabilities [B, H, R, T] float32 of a `DecoderLM`'s forward.
-
-  Each layer's q and k are recomputed from its own modules exactly as
-  `lcjax.models.transformer.Attention` computes them (q_proj/k_proj in the model's dtype,
-  `apply_rope` with the model's `rope_tables`, the eabf query scale when the layer applies
-  it); the scores are q·k / sqrt(head_dim) in fp32 at HIGHEST precision (as the reference
-  attention), masked as the layer masks them (causal, document with `segment_ids_BT`, the
-  anchor with `model.anchor`, the layer type's window/sinks). The hidden states advance
-  through the layers themselves, so the next layer's input is the model's own. Only the
-  query rows `rows_R` (default all) are returned; mamba2 layers give None. `rope` replaces
-  the model's RoPE tables (`RopeTables`), e.g. with exactly computed angles.
-  """
-  B, T = tokens_BT.shape
-  if rope is None:
-    rope = model.rope_tables(positions_BT)
-  index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  rows_R = jnp.arange(T, dtype=jnp.int32) if rows_R is None else jnp.asarray(rows_R, jnp.int32)
-  rows_BR = jnp.broadcast_to(rows_R, (B, rows_R.shape[0]))
-  x_BTD = model.embed_tokens(tokens_BT)
-  probs = []
-  for i in range(len(model.layer_kinds)):
-    layer = model.layer(i)
-    rope_i = layer_rope(rope, model._layer_scaled(i))
-    if layer.self_attn is None:
-      probs.append(None)
-    else:
-      mask = MaskSpec(
-        causal=True,
-        document=segment_ids_BT is not None,
-        anchor=model.anchor,
-        **dict(layer.mask_fields),
-      )
-      seg_BR = None if segment_ids_BT is None else jnp.take_along_axis(segment_ids_BT, rows_BR, 1)
-      h_BTD = layer.input_layernorm(x_BTD)
-      probs.append(
-        _layer_probs(
-          layer.self_attn, h_BTD, rope_i, mask, rows_BR, index_BT, seg_BR, segment_ids_BT
-        )
-      )
-    x_BTD = layer(
-      x_BTD,
-      rope_i,
-      anchor=model.anchor,
-      segment_ids_BT=segment_ids_BT,
-      q_index_BT=None,
-      cache=None,
-      cache_index=0,
-    )[0]
-  return probs
-
-
-def _layer_probs(attn, h_BTD, rope, mask, rows_BR, index_BT, seg_BR, seg_BT):
-  """Probabilities [B, H, R, T] of one `Attention` module on its normed input `h_BTD`."""
-  B, T, _ = h_BTD.shape
-  H, K, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
-  q_BTHD = apply_rope(attn.q_proj(h_BTD).reshape(B, T, H, D), rope.cos_BTK, rope.sin_BTK)
-  k_BTKD = apply_rope(attn.k_proj(h_BTD).reshape(B, T, K, D), rope.cos_BTK, rope.sin_BTK)
-  if rope.q_scale_BT is not None:
-    q_BTHD = (q_BTHD * rope.q_scale_BT[:, :, None, None]).astype(q_BTHD.dtype)
-  q_BRHD = jnp.take_along_axis(q_BTHD, rows_BR[:, :, None, None], axis=1)
-  q_BRKGD = q_BRHD.astype(jnp.float32).reshape(B, -1, K, H // K, D)
-  s_BKGRT = jnp.einsum(
-    "brkgd,btkd->bkgrt", q_BRKGD, k_BTKD.astype(jnp.float32), precision=_HIGHEST
-  ) / math.sqrt(D)
-  allowed = mask.dense(rows_BR, index_BT, seg_BR, seg_BT, num_kv_heads=K)
-  allowed = allowed[:, :, None] if mask.per_head else allowed[:, None, None]
-  p_BKGRT = jax.nn.softmax(jnp.where(allowed, s_BKGRT, -jnp.inf), axis=-1)
-  return p_BKGRT.reshape(B, H, -1, T)
-
-
-def _context_rows(length: int, contexts: Sequence[int], per_context: int):
-  """Query rows for each context c: `per_context` rows spread over [c/2, c) (c/2 >= 1)."""
-  rows, window = [], []
-  for w, c in enumerate(contexts):
-    if not 2 <= c <= length:
-      raise ValueError(f"contexts must lie in [2, length={length}], got {list(contexts)}")
-    picked = np.unique(np.linspace(c // 2, c - 1, per_context).round().astype(np.int64))
-    rows.append(picked)
-    window.append(np.full(picked.shape, w))
-  return np.concatenate(rows), np.concatenate(window)
-
-
-def _shifted(length: int, delta: int, scheme: str) -> np.ndarray:
-  """Positions [1, T]: arange(T) + Δ; under `anchor` the first (anchor) token stays at 0."""
-  positions_1T = (np.arange(length, dtype=np.int64) + delta)[None]
-  if scheme == "anchor":
-    positions_1T[:, 0] = 0
-  if positions_1T.max() >= 2**31:
-    raise ValueError(f"shift {delta} puts positions past int32; use shifts below 2^31 - {length}")
-  return positions_1T.astype(np.int32)
-
-
-# Model variants of the model-level study: (model dtype, exactly computed RoPE angles).
-MODEL_VARIANTS = {
-  "fp32": ("float32", False),
-  "bf16": ("bfloat16", False),
-  "fp32_exact_angles": ("float32", True),
-}
-
-
-def model_shift_study(
-  make_model,
-  tokens_T: np.ndarray,
-  *,
-  deltas: Sequence[int] = (1, 256, 4096, 65536),
-  contexts: Sequence[int] = (256, 512, 1024, 2048, 4096),
-  rows_per_context: int = 32,
-  schemes: Sequence[str] = ("global", "anchor"),
-  variants: Sequence[str] = ("fp32", "bf16", "fp32_exact_angles"),
-) -> dict[str, Any]:
-  """Per layer, the L1 change of a model's attention rows when positions shift by Δ.
-
-  `make_model(dtype)` returns the `DecoderLM` to measure in `dtype` ("float32" or
-  "bfloat16"). Positions are arange(T) + Δ over the T tokens of `tokens_T` (`global`), or
-  the same with the first token held at position 0 (`anchor`: AnchorAttention's shared
-  anchor, haonan3/AnchorContext `train.py`, whose FlexAttention path keeps global positions).
-  On one document the anchor mask (`MaskSpec(anchor=True)`: key 0 visible to every query)
-  equals the causal mask, so both schemes run the same model. For each context c in
-  `contexts`, `rows_per_context` query rows in [c/2, c) stand for a context of about c
-  tokens (a causal row sees only its prefix). Per scheme, variant (`MODEL_VARIANTS`), Δ,
-  layer and context: the mean over heads and rows of Σ_t |A_Δ - A_0| (`l1`), the same over
-  columns t >= 1 (`l1_nofirst`), and for bf16 the L1 distance from fp32 at the same Δ
-  (`l1_vs_fp32`); per layer and context the first column's mass at Δ = 0 (`first_mass`).
-  Variant `fp32_exact_angles` feeds the fp32 model RoPE tables whose angles are computed in
-  float64 (`exact_angle_cos_sin`), to separate lcjax's fp32 angle rounding from the rest.
-  """
-  length = int(np.asarray(tokens_T).shape[0])
-  for v in variants:
-    if v not in MODEL_VARIANTS:
-      raise ValueError(f"variant {v!r} is unknown; choose from {', '.join(MODEL_VARIANTS)}")
-  for s in schemes:
-    if s not in ("global", "anchor"):
-      raise ValueError(f"scheme {s!r} is unknown; choose global or anchor")
-  if any(int(d) <= 0 for d in deltas):
-    raise ValueError(f"deltas must be shifts > 0 (Δ = 0 is the reference), got {list(deltas)}")
-  rows_R, window_R = _context_rows(length, contexts, rows_per_context)
-  tokens_1T = jnp.asarray(np.asarray(tokens_T, np.int32)[None])
-  models = {dtype: make_model(dtype) for dtype in {MODEL_VARIANTS[v][0] for v in variants}}
-
-  @nnx.jit
-  def probs_fn(model, positions_1T, rope):
-    return attention_probs(model, tokens_1T, positions_1T, rows_R=jnp.asarray(rows_R), rope=rope)
-
-  def run(variant, positions_1T):
-    dtype, exact = MODEL_VARIANTS[variant]
-    model = models[dtype]
-    rope = model.rope_tables(jnp.asarray(positions_1T))  # eager: one compile for all tables
-    if exact:
-      seq_len = int(positions_1T.max()) + 1
-      inv_freq_K, factor = compute_inv_freq(model.rope_parameters, model.head_dim, seq_len=seq_len)
-      cos_1TK, sin_1TK = exact_angle_cos_sin(inv_freq_K, positions_1T, factor)
-      rope = rope._replace(cos_BTK=cos_1TK, sin_BTK=sin_1TK)
-    probs = probs_fn(model, jnp.asarray(positions_1T), rope)
-    return [np.asarray(p[0]) for p in probs if p is not None]  # [H, R, T] per attention layer
-
-  def per_window(x_LR: np.ndarray) -> list[list[float]]:
-    """[layer][context] means of per-row values."""
-    return [[float(x_R[window_R == w].mean()) for w in range(len(contexts))] for x_R in x_LR]
-
-  results: dict[str, Any] = {}
-  for scheme in schemes:
-    names = [v for v in variants if scheme == "global" or not MODEL_VARIANTS[v][1]]
-    base = {v: run(v, _shifted(length, 0, scheme)) for v in names}
-    for v in names:
-      first = np.stack([p[:, :, 0].mean(0) for p in base[v]])
-      results[f"{scheme}/{v}"] = {"first_mass": per_window(first), "l1": [], "l1_nofirst": []}
-    compare = "bf16" in names and "fp32" in names
-    if compare:
-      results[f"{scheme}/bf16"]["l1_vs_fp32"] = []
-    for delta in deltas:
-      shifted = {v: run(v, _shifted(length, delta, scheme)) for v in names}
-      for v in names:
-        diff = [np.abs(a - b) for a, b in zip(shifted[v], base[v], strict=True)]
-        entry = results[f"{scheme}/{v}"]
-        entry["l1"].append(per_window(np.stack([d.sum(-1).mean(0) for d in diff])))
-        entry["l1_nofirst"].append(per_window(np.stack([d[..., 1:].sum(-1).mean(0) for d in diff])))
-      if compare:
-        pairs = zip(shifted["bf16"], shifted["fp32"], strict=True)
-        gap = np.stack([np.abs(a - b).sum(-1).mean(0) for a, b in pairs])
-        results[f"{scheme}/bf16"]["l1_vs_fp32"].append(per_window(gap))
-  return dict(
-    length=length,
-    deltas=[int(d) for d in deltas],
-    contexts=[int(c) for c in contexts],
-    rows_per_context=rows_per_context,
-    layers=len(next(iter(results.values()))["first_mass"]),
-    results=results,
-  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -540,7 +334,8 @@ def bf16_rope_evaluation(
   `settings` is the `eval.bf16_rope` section (configs/bf16_rope.py): `kernel` (the
   arguments of `kernel_shift_study`), `angle_starts`, `length` (tokens of the held-out
   file), `deltas`, `contexts`, `rows_per_context`, `schemes`, `variants`, `block` (the
-  blockwise attention's block size), `summary_delta` (the Δ of the by-length tables) and
+  blockwise attention's block size), `perplexity` (`window`, `deltas`: `shift_perplexity`),
+  `summary_delta` (the Δ of the by-length tables) and
   `plot` (the figure's path, relative to `workdir`). The model level is skipped when
   `length` is 0 or the model has no RoPE.
   """
@@ -573,6 +368,14 @@ def bf16_rope_evaluation(
       variants=tuple(s["variants"]),
     )
     summary["model"]["file"] = f"validation document {index}"
+    ppl = _plain(s["perplexity"])
+    summary["perplexity"] = shift_perplexity(
+      make_model,
+      tokens_T,
+      window=int(ppl["window"]),
+      deltas=tuple(ppl["deltas"]),
+      variants=tuple(s["variants"]),
+    )
   summary["checks"] = acceptance_checks(summary)
   write_json(os.path.join(workdir, "eval", "bf16_rope.json"), summary)
   plot_bf16_rope(summary, os.path.join(workdir, s["plot"]))
@@ -593,6 +396,11 @@ def _metric_lines(summary: dict) -> dict[str, float]:
         lines[f"eval/bf16_rope/softmax_{kind}_{path}@{n}"] = at_delta(
           row, kernel["softmax_deltas"], sd
         )
+  ppl = summary.get("perplexity")
+  if ppl:
+    for variant, values in ppl["ppl"].items():
+      for d, v in zip(ppl["deltas"], values, strict=True):
+        lines[f"eval/bf16_rope/ppl_{variant}@{d}"] = v
   model = summary.get("model")
   if model:
     for name, entry in model["results"].items():

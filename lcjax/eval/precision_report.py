@@ -33,19 +33,20 @@ def acceptance_checks(summary: dict) -> dict[str, Any]:
   """The study's claims as numbers (notes/studies.md §5 and issue #12).
 
   fp32_max_logit_upto_65536: the kernel-level fp32 mean |Δlogit| at its worst Δ <= 65,536
-  (claim: < 1e-4), also with exact angles; bf16_over_fp32: the model-level bf16 / fp32 L1
+  (claim: < 1e-4), also with HF's angles; bf16_over_fp32: the model-level bf16 / fp32 L1
   ratio at each Δ (longest context, mean over layers; claim: >= 10); bf16_growth_with_context:
   model bf16 L1 at the longest over the shortest context, all columns, without the first, and
   the bf16 - fp32 gap at the same Δ (claims: > 1 with the first column, flat without it; under
   `anchor` the gap is the precision part, as the fp32 rows change too: the anchor's distance
   to every query changes); kernel_growth_with_length: the same ratio over L for the kernel
-  softmax rows of lcjax_bf16 with and without a sink.
+  softmax rows of lcjax_bf16 with and without a sink; ppl_change_<variant>: the largest
+  |ppl(Δ) / ppl(0) - 1| of `shift_perplexity` over its shifts.
   """
   kernel, model = summary["kernel"], summary.get("model")
   checks: dict[str, Any] = {}
   deltas = kernel["logit_deltas"]
   upto = [i for i, d in enumerate(deltas) if 0 < d <= 65536]
-  for path in ("fp32", "fp32_exact_angles"):
+  for path in ("fp32", "fp32_hf_angles"):
     if path in kernel["logit"] and upto:
       checks[f"{path}_max_logit_upto_65536"] = max(kernel["logit"][path][i] for i in upto)
   soft = kernel["softmax"]
@@ -71,6 +72,10 @@ def acceptance_checks(summary: dict) -> dict[str, Any]:
           if key in entry:
             per_ctx = np.mean(at_delta(entry[key], model["deltas"], sd), axis=0)
             checks[f"bf16_growth_with_context_{scheme}_{key}"] = float(per_ctx[-1] / per_ctx[0])
+  ppl = summary.get("perplexity")
+  if ppl is not None:
+    for variant, values in ppl["ppl"].items():
+      checks[f"ppl_change_{variant}"] = max(abs(v / values[0] - 1.0) for v in values)
   return checks
 
 
@@ -109,10 +114,20 @@ def format_tables(summary: dict) -> str:
   out.append(_row("sink mass p_0", kernel["sink_mass"]))
   angles = summary["angles"]
   out += ["", "fp32 RoPE angles: largest error (rad) at positions [start, start + span)"]
-  out.append(_head("start", ("product", "tables", "inv_freq"), 12))
+  out.append(_head("start", ("HF product", "HF tables", "lcjax", "inv_freq"), 12))
+  keys = ("product_rounding", "hf_table_error", "table_error", "inv_freq_rounding")
   for i, start in enumerate(angles["starts"]):
-    values = [angles[k][i] for k in ("product_rounding", "table_error", "inv_freq_rounding")]
-    out.append(_row(str(start), values, 12))
+    out.append(_row(str(start), [angles[k][i] for k in keys], 12))
+  ppl = summary.get("perplexity")
+  if ppl is not None:
+    out += [
+      "",
+      f"perplexity of the file at positions shifted by Δ ({ppl['windows']} windows of "
+      f"{ppl['window']} tokens): ppl(Δ) / ppl(0) - 1",
+      _head("variant \\ Δ", ["ppl(0)", *ppl["deltas"][1:]]),
+    ]
+    for variant, values in ppl["ppl"].items():
+      out.append(_row(variant, [values[0], *(v / values[0] - 1.0 for v in values[1:])]))
   model = summary.get("model")
   if model is not None:
     res, contexts = model["results"], model["contexts"]
@@ -161,7 +176,7 @@ def plot_bf16_rope(summary: dict, path: str | os.PathLike) -> str:
   kernel, model, sd = summary["kernel"], summary.get("model"), summary["summary_delta"]
   fig = Figure(figsize=(12, 9) if model else (12, 4.5), layout="constrained")
   panels = [fig.add_subplot(2 if model else 1, 2, i + 1) for i in range(4 if model else 2)]
-  colors = dict(fp32="C0", fp32_exact_angles="C2", hf_bf16="C3", lcjax_bf16="C1", bf16="C1")
+  colors = dict(fp32="C0", fp32_hf_angles="C2", hf_bf16="C3", lcjax_bf16="C1", bf16="C1")
   ax = panels[0]
   x = [d for d in kernel["logit_deltas"] if d > 0]
   for p, values in kernel["logit"].items():

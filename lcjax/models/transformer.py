@@ -53,10 +53,9 @@ from lcjax.parallel.mesh import (
 from lcjax.parallel.ring import ring_attention
 from lcjax.positional.rope import (
   apply_rope,
-  compute_inv_freq,
+  cos_sin_for_positions,
   query_scale,
   query_scale_layers,
-  rope_cos_sin,
 )
 
 __all__ = ["DecoderLM", "KVCache", "RopeTables"]
@@ -404,16 +403,12 @@ class DecoderLM(nnx.Module):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in self.rope_items}
 
   def rope_tables(self, positions_BT: jax.Array) -> RopeTables:
-    """cos/sin (float32 angles) and the optional query scale for these positions.
+    """cos/sin (exact angles, `rope_cos_sin`) and the optional query scale for these positions.
 
     The query scale is left out when no layer applies it; each layer takes its own view
     through `layer_rope` with its flag in `q_scale_layers`.
     """
-    seq_len = jnp.max(positions_BT) + 1  # dynamic NTK / LongRoPE pick frequencies from it
-    inv_freq_K, attention_factor = compute_inv_freq(
-      self.rope_parameters, self.head_dim, seq_len=seq_len
-    )
-    cos_BTK, sin_BTK = rope_cos_sin(inv_freq_K, attention_factor, positions_BT)
+    cos_BTK, sin_BTK = cos_sin_for_positions(self.rope_parameters, self.head_dim, positions_BT)
     scaled = self.q_scale_layers is not None and any(self.q_scale_layers)
     q_scale_BT = query_scale(self.rope_parameters, positions_BT) if scaled else None
     return RopeTables(cos_BTK, sin_BTK, q_scale_BT)
@@ -431,8 +426,12 @@ class DecoderLM(nnx.Module):
     token_index: jax.Array | None = None,
     caches: list[KVCache] | None = None,
     cache_index: jax.Array | int = 0,
+    rope: RopeTables | None = None,
   ) -> tuple[jax.Array, list[KVCache] | None]:
     """Final normed hidden states [B,T,D] (and updated caches when decoding).
+
+    `rope` replaces the RoPE tables `rope_tables(positions)` would give (studies that change
+    how angles are formed, `lcjax.eval.precision`); it must match the positions.
 
     `token_index` [B,T] is each token's index in the packed row, which masks are
     evaluated on (default arange(T)). Context-parallel layouts (zigzag, striped)
@@ -454,7 +453,8 @@ class DecoderLM(nnx.Module):
     else:
       q_index_BT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
     positions_BT = q_index_BT if positions is None else positions
-    rope = self.rope_tables(positions_BT)
+    if rope is None:
+      rope = self.rope_tables(positions_BT)
     x_BTD = constrain(self.embed_tokens(tokens_BT), ACTIVATION_BTD)
     if caches is None:
       # Rows in order pass None as the token index, which lets attention use a static

@@ -10,8 +10,7 @@ entropy-aware ABF, Giraffe truncation, NoPE) are registered the same way in `ROP
 Typical use inside an attention layer:
 
   params = standardize_rope_parameters(hf_config_json)     # once, at config time
-  inv_freq, attention_factor = compute_inv_freq(params, head_dim, seq_len=positions_BT.max() + 1)
-  cos_BTK, sin_BTK = rope_cos_sin(inv_freq, attention_factor, positions_BT)
+  cos_BTK, sin_BTK = cos_sin_for_positions(params, head_dim, positions_BT)   # exact angles
   q_BTHD, k_BTHD = apply_rope(q_BTHD, cos_BTK, sin_BTK), apply_rope(k_BTHD, cos_BTK, sin_BTK)
   scale_BT = query_scale(params, positions_BT)             # None for every type but 'eabf'
   if scale_BT is not None and query_scale_layers(params, num_layers)[layer]:
@@ -35,6 +34,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lcjax.positional import angles
+from lcjax.positional.angles import is_host_value
 
 # transformers' `RotaryEmbeddingConfigMixin.default_theta`.
 DEFAULT_ROPE_THETA = 10000.0
@@ -522,8 +524,12 @@ def to_hf_rope_fields(rope_parameters: dict) -> dict:
 
 def compute_inv_freq(
   rope_parameters: dict, head_dim: int, *, seq_len: Any = None
-) -> tuple[jax.Array, float]:
+) -> tuple[np.ndarray | jax.Array, float]:
   """Returns `(inv_freq[head_dim // 2] float32, attention_factor)` for a standardized dict.
+
+  `inv_freq` is a numpy array when the frequencies are static (every type, and dynamic /
+  longrope with a Python `seq_len`), so `rope_cos_sin` can form exact angles from it, and a
+  jax array when they depend on a traced `seq_len`.
 
   Matches transformers' `ROPE_INIT_FUNCTIONS[rope_type](config, seq_len=seq_len)` for the HF
   types. `seq_len` is the maximum position + 1 of the current batch; only `dynamic` and `longrope`
@@ -543,8 +549,8 @@ def compute_inv_freq(
   rotary_dim = _rotary_dim(rope_parameters, head_dim)
   inv_freq, attention_factor = rope_type.inv_freq_fn(rope_parameters, head_dim, rotary_dim, seq_len)
   num_pad = head_dim // 2 - inv_freq.shape[0]
-  if isinstance(inv_freq, np.ndarray):
-    inv_freq_K = _f32(np.pad(inv_freq, (0, num_pad)))
+  if isinstance(inv_freq, np.ndarray):  # static: stays on the host (exact angles need it)
+    inv_freq_K = np.pad(inv_freq, (0, num_pad)).astype(np.float32)
   else:
     inv_freq_K = jnp.pad(_f32(inv_freq), (0, num_pad))
   return inv_freq_K, float(attention_factor)
@@ -581,18 +587,60 @@ def query_scale_layers(rope_parameters: dict, num_layers: int) -> tuple[bool, ..
 
 
 def rope_cos_sin(
-  inv_freq: jax.Array, attention_factor: float | jax.Array, positions_BT: jax.Array
+  inv_freq: Any,
+  attention_factor: float | jax.Array,
+  positions_BT: jax.Array,
+  *,
+  exact_angles: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """Returns `(cos_BTK, sin_BTK)` float32, `K = head_dim // 2`, scaled by `attention_factor`.
 
-  Angles are `float32(positions) * inv_freq` in fp32 always: bf16 positions or angles destroy
-  RoPE at long range (transformers PR #29285). As HF `LlamaRotaryEmbedding.forward`, both cos and
-  sin are multiplied by `attention_factor`, so logits scale by `attention_factor^2`.
+  Angles are never formed in bf16 (bf16 positions or angles destroy RoPE at long range,
+  transformers PR #29285). With `exact_angles` (the default) they are counted in turns with a
+  fixed-point word (`lcjax.positional.angles.exact_angles`): under 1e-6 rad of error at every
+  int32 position. That needs integer positions and `inv_freq` on the host (`compute_inv_freq`
+  returns numpy for static frequencies); otherwise, and with `exact_angles=False`, the angle is
+  HF's one fp32 product `float32(pos) * inv_freq`, rounded to the fp32 grid of the angle (2^-6
+  rad at 512K positions; README, "fp32 RoPE angles at long positions"). As HF
+  `LlamaRotaryEmbedding.forward`, both cos and sin are multiplied by `attention_factor`, so
+  logits scale by `attention_factor^2`.
   """
-  inv_freq_K = _f32(inv_freq)
-  angles_BTK = jnp.asarray(positions_BT).astype(jnp.float32)[..., None] * inv_freq_K
+  positions_BT = jnp.asarray(positions_BT)
+  exact = (
+    exact_angles and is_host_value(inv_freq) and jnp.issubdtype(positions_BT.dtype, jnp.integer)
+  )
+  angles_BTK = (
+    angles.exact_angles(inv_freq, positions_BT)
+    if exact
+    else angles.fp32_angles(inv_freq, positions_BT)
+  )
   factor = _f32(attention_factor)
   return jnp.cos(angles_BTK) * factor, jnp.sin(angles_BTK) * factor
+
+
+def cos_sin_for_positions(
+  rope_parameters: dict, head_dim: int, positions_BT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """`rope_cos_sin` of a standardized dict at these positions, frequencies chosen for them.
+
+  `seq_len = max(positions) + 1`, which dynamic NTK and LongRoPE read (`compute_inv_freq`). It
+  is traced inside a model, so frequencies that depend on it are traced too, and traced
+  frequencies fall back to fp32 angles. LongRoPE only switches between two static sets (short
+  and long factors): both tables are formed with exact angles and one is selected. Dynamic
+  NTK's frequencies are a traced function of seq_len and keep fp32 angles.
+  """
+  positions_BT = jnp.asarray(positions_BT)
+  seq_len = jnp.max(positions_BT) + 1
+  if rope_parameters["rope_type"] != "longrope":
+    inv_freq_K, attention_factor = compute_inv_freq(rope_parameters, head_dim, seq_len=seq_len)
+    return rope_cos_sin(inv_freq_K, attention_factor, positions_BT)
+  original_max = int(rope_parameters["original_max_position_embeddings"])
+  short = rope_cos_sin(*compute_inv_freq(rope_parameters, head_dim), positions_BT)
+  long = rope_cos_sin(
+    *compute_inv_freq(rope_parameters, head_dim, seq_len=original_max + 1), positions_BT
+  )
+  use_long = seq_len > original_max
+  return tuple(jnp.where(use_long, lg, sh) for lg, sh in zip(long, short, strict=True))
 
 
 def apply_rope(x_BTHD: jax.Array, cos_BTK: jax.Array, sin_BTK: jax.Array) -> jax.Array:
