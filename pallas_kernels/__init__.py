@@ -6,7 +6,8 @@ Each kernel's pure-JAX twin is `lcjax.attention.blockwise_attention_with_lse` (s
 signature and semantics). On CPU the kernels run in Pallas interpret mode, chosen at
 call time; on TPU and GPU the lowering is chosen by the platform. `block_sparse_fwd` and
 `block_sparse_bwd` (the `blockwise_fwd`/`blockwise_bwd` signatures) are the per-step
-routine of ring attention's `block_impl="pallas"`.
+routine of ring attention's `block_impl="pallas"`, whose backward accumulates dQ in the
+kernels' layout (`block_sparse_attention.backward_accumulate`).
 
 Modules: `block_tables` (block maps -> compacted visiting lists), `block_sparse_steps`
 (per-block FlashAttention-2 updates), `block_sparse_kernels` (loop and pipelined kernel

@@ -89,6 +89,9 @@ from pallas_kernels.block_tables import BlockTables, block_tables
 __all__ = [
   "attention_with_lse",
   "backward",
+  "backward_accumulate",
+  "dq_accumulator",
+  "dq_from_accumulator",
   "forward",
   "block_sparse_attention",
   "block_sparse_bwd",
@@ -122,12 +125,21 @@ def _attend_fwd(st, q, k, v, ids: MaskInputs, tables):
 
 def _attend_bwd(st, res, cotangents):
   q, k, v, ids, tables, out_BHTD, lse_BHT1 = res
-  dq, dk, dv = _backward(st, (q, k, v, *ids, *tables, out_BHTD, lse_BHT1), *cotangents)
+  dout_BHTD, dlse_BHT1 = cotangents
+  delta_BHT1 = _delta(dout_BHTD, out_BHTD, axis=-1)[..., None] - dlse_BHT1
+  dq_in_BHTD = jnp.zeros(q.shape, jnp.float32)
+  dq, dk, dv = _backward(st, (q, k, v, *ids, *tables), dout_BHTD, lse_BHT1, delta_BHT1, dq_in_BHTD)
   # Integer inputs (mask indices, segment ids, tables) take no cotangent.
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _delta(dout, out, axis):
+  """FlashAttention-2's D_i = rowsum(dO_i ∘ O_i) (Dao 2023, Alg. 2 line 4), in float32,
+  summed over the head dim `axis` of arrays in either layout (no float32 copy of O)."""
+  return jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=axis)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -258,28 +270,50 @@ def _forward_only(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret):
   return _from_kernel_layout(out_BHTD, T, D), lse_BHT1[:, :, :T, 0]
 
 
+def _backward_kernels(
+  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT, dq_in_BHTD,
+  interpret,
+):  # fmt: skip
+  """(dq_in + dq in the kernel layout [B, H, Tp, Dp], dk_BSKD, dv_BSKD), float32."""
+  p = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret)
+  T, Tp = q_BTHD.shape[1], p.q_BHTD.shape[2]
+  dout_BHTD = _to_kernel_layout(dout_BTHD, Tp, p.q_BHTD.shape[3])
+  # Delta from O and dO as the caller holds them: [B, T, H] -> [B, H, T]. Padded query
+  # rows get lse -inf (the kernels then give them P = 0), Delta 0 and dlse 0.
+  delta_BHT = _delta(dout_BTHD, out_BTHD, axis=-1).transpose(0, 2, 1)
+  if dlse_BHT is not None:
+    delta_BHT = delta_BHT - dlse_BHT.astype(jnp.float32)
+  delta_BHT1 = jnp.pad(delta_BHT, [(0, 0), (0, 0), (0, Tp - T)])[..., None]
+  lse_BHT1 = jnp.pad(lse_BHT, [(0, 0), (0, 0), (0, Tp - T)], constant_values=-jnp.inf)[..., None]
+  res = (p.q_BHTD, p.k_BKSD, p.v_BKSD, *p.ids, p.fwd_tables, p.bwd_tables)
+  dq_BHTD, dk_BKSD, dv_BKSD = _backward(p.st, res, dout_BHTD, lse_BHT1, delta_BHT1, dq_in_BHTD)
+  S, D = k_BSKD.shape[1], q_BTHD.shape[3]
+  return dq_BHTD, _from_kernel_layout(dk_BKSD, S, D), _from_kernel_layout(dv_BKSD, S, D)
+
+
 @functools.partial(jax.jit, static_argnums=(7, 9))
 def _backward_only(
   q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT, interpret
 ):
-  p = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret)
-  (T, D), (Tp, Dp) = (q_BTHD.shape[1], q_BTHD.shape[3]), p.q_BHTD.shape[2:]
-  out_BHTD = _to_kernel_layout(out_BTHD.astype(jnp.float32), Tp, Dp)
-  dout_BHTD = _to_kernel_layout(dout_BTHD, Tp, Dp)
-  # Padded query rows get lse -inf (the kernels then give them P = 0) and dlse 0.
-  lse_BHT1 = jnp.pad(lse_BHT, [(0, 0), (0, 0), (0, Tp - T)], constant_values=-jnp.inf)[..., None]
-  if dlse_BHT is None:
-    dlse_BHT1 = jnp.zeros(lse_BHT1.shape, jnp.float32)
-  else:
-    dlse_BHT1 = jnp.pad(dlse_BHT.astype(jnp.float32), [(0, 0), (0, 0), (0, Tp - T)])[..., None]
-  res = (p.q_BHTD, p.k_BKSD, p.v_BKSD, *p.ids, p.fwd_tables, p.bwd_tables, out_BHTD, lse_BHT1)
-  dq_BHTD, dk_BKSD, dv_BKSD = _backward(p.st, res, dout_BHTD, dlse_BHT1)
-  S = k_BSKD.shape[1]
-  return (
-    _from_kernel_layout(dq_BHTD, T, D),
-    _from_kernel_layout(dk_BKSD, S, D),
-    _from_kernel_layout(dv_BKSD, S, D),
-  )
+  dq_in_BHTD = _dq_accumulator(q_BTHD, opts)
+  args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT)
+  dq_BHTD, dk_BSKD, dv_BSKD = _backward_kernels(*args, dq_in_BHTD, interpret)
+  return _from_kernel_layout(dq_BHTD, q_BTHD.shape[1], q_BTHD.shape[3]), dk_BSKD, dv_BSKD
+
+
+@functools.partial(jax.jit, static_argnums=(7, 9))
+def _backward_accumulate(
+  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dq_acc_BHTD, interpret
+):
+  args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, None)
+  return _backward_kernels(*args, dq_acc_BHTD, interpret)
+
+
+def _dq_accumulator(q_BTHD, opts: AttentionOptions) -> jax.Array:
+  """Zeros in the dQ kernel's layout [B, H, Tp, Dp] float32 (rows and head dim padded)."""
+  B, T, H, D = q_BTHD.shape
+  bq = min(opts.block_q, _pow2_at_least(T))
+  return jnp.zeros((B, H, _round_up(T, bq), _pow2_at_least(D)), jnp.float32)
 
 
 def _check_interpret(name, q_BTHD, interpret):
@@ -345,6 +379,33 @@ def backward(
   return _backward_only(
     q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT, interpret
   )
+
+
+def dq_accumulator(q_BTHD, opts: AttentionOptions) -> jax.Array:
+  """A zero dQ accumulator for `backward_accumulate`, in the kernels' layout (float32)."""
+  _check_blocks(opts)
+  return _dq_accumulator(q_BTHD, opts)
+
+
+def backward_accumulate(
+  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dq_acc, *, interpret=None
+):
+  """`backward` for ring attention: dQ is added into `dq_acc` in the kernels' layout.
+
+  Returns `(dq_acc + dq, dk_BSKD, dv_BSKD)`, float32. The dQ kernel writes the sum over the
+  accumulator (aliased), so a ring of W steps holds one float32 dQ buffer and
+  transposes it once (`dq_from_accumulator`), instead of a fresh buffer and a transpose per
+  step. Delta = rowsum(dO ∘ O) is formed from `out_BTHD` as given (no float32 copy of O).
+  """
+  _check_blocks(opts)
+  interpret = _check_interpret("block_sparse_bwd", q_BTHD, interpret)
+  args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dq_acc)
+  return _backward_accumulate(*args, interpret)
+
+
+def dq_from_accumulator(dq_acc, q_BTHD) -> jax.Array:
+  """The accumulated dQ as [B, T, H, D] float32 (padding dropped)."""
+  return _from_kernel_layout(dq_acc, q_BTHD.shape[1], q_BTHD.shape[3])
 
 
 # The public keyword entry points, with `blockwise_attention_with_lse`'s signature plus

@@ -60,9 +60,10 @@ def _forward_kernel(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_k
 
 
 def _dq_kernel(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv):
-  """dQ of FlashAttention-2 Alg. 2 for one (batch, query head, q block) over its kv list."""
+  """dQ of FlashAttention-2 Alg. 2 for one (batch, query head, q block) over its kv list,
+  added to the block of `dq_in` (aliased to the output: ring steps accumulate in place)."""
   q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, refs = _split_mask_refs(st, refs)
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_in_ref, dq_ref = refs
   kv_head = _program_kv_head(st, query_heads=True)
   row = _table_row(st, pl.program_id(0), kv_head, pl.program_id(2), n_q)
   q, q_ids = q_ref[...], _q_block_ids(q_pos_ref, q_seg_ref)
@@ -77,7 +78,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv):
     return _dq_step(st, dq, q, q_ids, do, lse, delta, k, v, k_ids, kind, kv_head)
 
   dq = lax.fori_loop(0, kv_count_ref[row], step, jnp.zeros(q_ref.shape, jnp.float32))
-  dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+  dq_ref[...] = (dq_in_ref[...] + dq * st.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_index_ref, q_count_ref, q_kind_ref, *refs, st, n_q, n_kv):
@@ -150,9 +151,10 @@ def _forward_kernel_tpu(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q,
 
 
 def _dq_kernel_tpu(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv):
-  """dQ of FlashAttention-2 Alg. 2, step s of (batch, query head, q block)."""
+  """dQ of FlashAttention-2 Alg. 2, step s of (batch, query head, q block); the last step
+  adds the block of `dq_in` (aliased to the output)."""
   q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, refs = _split_mask_refs(st, refs)
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc = refs
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_in_ref, dq_ref, dq_sc = refs
   kv_head = _program_kv_head(st, query_heads=True)
   row = _table_row(st, pl.program_id(0), kv_head, pl.program_id(2), n_q)
   s = pl.program_id(3)
@@ -173,7 +175,7 @@ def _dq_kernel_tpu(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv
 
   @pl.when(s == n_kv - 1)
   def _finish():
-    dq_ref[...] = (dq_sc[...] * st.scale).astype(dq_ref.dtype)
+    dq_ref[...] = (dq_in_ref[...] + dq_sc[...] * st.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel_tpu(q_index_ref, q_count_ref, q_kind_ref, *refs, st, n_q, n_kv):

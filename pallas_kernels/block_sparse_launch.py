@@ -43,8 +43,13 @@ class _Variant(NamedTuple):
   scratch: tuple = ()
 
 
-def _launch(st, tables, inputs, out_shapes, loop: _Variant, tpu: _Variant):
-  """Runs the call: interpreted, or lowered per platform (TPU / GPU) at lowering time."""
+def _launch(st, tables, inputs, out_shapes, loop: _Variant, tpu: _Variant, aliases=None):
+  """Runs the call: interpreted, or lowered per platform (TPU / GPU) at lowering time.
+
+  `aliases` maps an index into `inputs` to the output it is updated into in place.
+  """
+  # pallas_call numbers its operands from the tables on.
+  io_aliases = {len(tables) + i: o for i, o in (aliases or {}).items()}
 
   def generic(compiler_params, interpret, *args):
     table_specs = [pl.BlockSpec(t.shape, lambda *_: (0,)) for t in tables]
@@ -56,6 +61,7 @@ def _launch(st, tables, inputs, out_shapes, loop: _Variant, tpu: _Variant):
       out_shape=out_shapes,
       compiler_params=compiler_params,
       interpret=interpret,
+      input_output_aliases=io_aliases,
     )(*args)
 
   def on_tpu(*args, interpret=False):
@@ -74,6 +80,7 @@ def _launch(st, tables, inputs, out_shapes, loop: _Variant, tpu: _Variant):
       out_shape=out_shapes,
       compiler_params=params,
       interpret=interpret,
+      input_output_aliases=io_aliases,
     )(*args)
 
   args = (*tables, *inputs)
@@ -198,19 +205,25 @@ def _forward(st, q_BHTD, k_BKSD, v_BKSD, q_pos, k_pos, q_seg, k_seg, fwd_tables)
   return _launch(st, _flat(fwd_tables), [*ids, q_BHTD, k_BKSD, v_BKSD], out_shapes, loop, tpu)
 
 
-def _backward(st, res, dout_BHTD, dlse_BHT1):
-  q_BHTD, k_BKSD, v_BKSD, q_pos, k_pos, q_seg, k_seg, fwd_tables, bwd_tables, o, lse = res
+def _backward(st, res, dout_BHTD, lse_BHT1, delta_BHT1, dq_in_BHTD):
+  """dQ and dK/dV kernels: (dq_in + dq, dk, dv) float32, in the kernel layout.
+
+  `delta_BHT1` is Delta_i = rowsum(dO_i ∘ O_i) - dL_i (d lse_i / d S_ij = P_ij), formed by
+  the caller in whichever layout holds O. The dQ kernel adds its result to `dq_in_BHTD` and
+  writes the sum over it (aliased), so ring attention accumulates dQ across steps in this
+  layout without a fresh buffer or a transpose per step.
+  """
+  q_BHTD, k_BKSD, v_BKSD, q_pos, k_pos, q_seg, k_seg, fwd_tables, bwd_tables = res
   B, Hq, Tp, D = q_BHTD.shape
   Hkv, Sp = k_BKSD.shape[1], k_BKSD.shape[2]
   G, bq, bk = st.groups, st.block_q, st.block_kv
   n_q, n_kv = Tp // bq, Sp // bk
   statics = dict(st=st, n_q=n_q, n_kv=n_kv)
-  # Delta_i = rowsum(dO_i ∘ O_i) - dL_i, since d lse_i / d S_ij = P_ij. dO stays in the
-  # input dtype for the kernels (they upcast), which halves its on-chip size for bf16.
+  # dO stays in the input dtype for the kernels (they upcast), which halves its on-chip
+  # size for bf16.
   dout_BHTD = dout_BHTD.astype(q_BHTD.dtype)
-  delta_BHT1 = jnp.sum(dout_BHTD.astype(jnp.float32) * o, axis=-1, keepdims=True) - dlse_BHT1
   # Rows with no visible key have lse -inf; +inf makes their P = exp(S - inf) = 0.
-  lse_BHT1 = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+  lse_BHT1 = jnp.where(lse_BHT1 == -jnp.inf, jnp.inf, lse_BHT1)
 
   # dQ: grid over q blocks, like the forward.
   ids, loop_id_specs, tpu_id_specs = _mask_inputs(
@@ -228,23 +241,26 @@ def _backward(st, res, dout_BHTD, dlse_BHT1):
     functools.partial(_dq_kernel, **statics),
     (B, Hq, n_q),
     loop_id_specs
-    + [q_rows[0], *[_whole_spec((Sp, D), group=G)] * 2, q_rows[0], q_rows[1], q_rows[1]],
+    + [q_rows[0], *[_whole_spec((Sp, D), group=G)] * 2, q_rows[0], q_rows[1], q_rows[1]]
+    + [q_rows[0]],
     q_rows[0],
   )
   tpu = _Variant(
     functools.partial(_dq_kernel_tpu, **statics),
     (B, Hq, n_q, n_kv),
-    tpu_id_specs + [q_tpu, kv_tpu, kv_tpu, q_tpu, col_tpu, col_tpu],
+    tpu_id_specs + [q_tpu, kv_tpu, kv_tpu, q_tpu, col_tpu, col_tpu, q_tpu],
     q_tpu,
     [_vmem(bq, D)],
   )
+  dq_inputs = [*ids, q_BHTD, k_BKSD, v_BKSD, dout_BHTD, lse_BHT1, delta_BHT1, dq_in_BHTD]
   dq_BHTD = _launch(
     st,
     _flat(fwd_tables),
-    [*ids, q_BHTD, k_BKSD, v_BKSD, dout_BHTD, lse_BHT1, delta_BHT1],
+    dq_inputs,
     jax.ShapeDtypeStruct((B, Hq, Tp, D), jnp.float32),
     loop,
     tpu,
+    aliases={len(dq_inputs) - 1: 0},
   )
 
   # dK/dV: grid over kv heads and kv blocks; the G query heads of kv head k are rows

@@ -487,3 +487,45 @@ def test_fwd_and_bwd_entry_points_match_blockwise_twins():
     for name, g, g_t in zip(("dq", "dk", "dv"), got, want, strict=True):
       assert g.dtype == jnp.float32 and g.shape == g_t.shape
       np.testing.assert_allclose(g, g_t, **FP32_TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("launcher", ["loop", "tpu"])
+def test_backward_accumulate_adds_dq_into_the_accumulator(launcher):
+  """Ring attention's Pallas dQ path: each call adds its keys' dq into a float32 buffer in
+  the kernels' layout, which the dQ kernel overwrites in place (an aliased operand).
+
+  From a random (nonzero) accumulator, the two halves of the keys give accumulator + the
+  full dq, and each half's dk, dv equal `backward`'s; the loop kernels (interpreted) and
+  the pipelined TPU kernels (TPU interpreter: 128-blocks, D = 128, T = 200 padded to 256,
+  GQA, documents, the anchor column). Same fp32 tolerance as above.
+  """
+  from lcjax.attention.inputs import AttentionOptions, MaskInputs
+  from pallas_kernels.block_sparse_attention import (
+    backward,
+    backward_accumulate,
+    dq_accumulator,
+    dq_from_accumulator,
+    forward,
+  )
+
+  T, half = 200, 100
+  q, k, v, (w_out, _) = random_qkv(8, 1, T, T, 4, 2, 128)
+  seg = packed_rows(T, [[70, 130]])
+  opts = AttentionOptions(MaskSpec(document=True, anchor=True), None, 128, 128)
+  interpret = True if launcher == "loop" else pltpu.InterpretParams()
+  out, lse = forward(q, k, v, MaskInputs(q_segment_ids=seg, kv_segment_ids=seg), opts)
+  acc0 = dq_accumulator(q, opts)
+  assert acc0.shape == (1, 4, 256, 128) and acc0.dtype == jnp.float32
+  acc0 = jnp.asarray(np.random.default_rng(9).standard_normal(acc0.shape), jnp.float32)
+  acc, dq_want = acc0, dq_from_accumulator(acc0, q)
+  pos = np.arange(T)
+  for part in (slice(0, half), slice(half, T)):
+    inputs = MaskInputs(None, pos[part], seg, seg[:, part])
+    args = (q, k[:, part], v[:, part], out, lse, w_out, inputs, opts)
+    acc, dk, dv = backward_accumulate(*args, acc, interpret=interpret)
+    dq_p, dk_want, dv_want = backward(*args, interpret=True)
+    dq_want = dq_want + dq_p
+    np.testing.assert_allclose(dk, dk_want, **FP32_TOL, err_msg="dk")
+    np.testing.assert_allclose(dv, dv_want, **FP32_TOL, err_msg="dv")
+  np.testing.assert_allclose(dq_from_accumulator(acc, q), dq_want, **FP32_TOL, err_msg="dq")
+  assert float(jnp.abs(dq_want - dq_from_accumulator(acc0, q)).max()) > 1e-3  # dq is not 0

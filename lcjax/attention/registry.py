@@ -20,6 +20,10 @@ mapping of its own.
 * pallas: the `pallas_kernels` block-sparse kernels (Mosaic on TPU, Triton on GPU,
   interpret mode on CPU).
 
+An implementation may also say how ring attention accumulates dQ over its steps
+(`DqAccumulation`): the Pallas dQ kernel adds into one float32 buffer in its own layout,
+which it overwrites in place. Without one, the ring adds each step's `backward` dq.
+
 `auto` resolves per call: pallas on TPU/GPU, blockwise on CPU. The platform is the one
 the inputs live on, unless a `with target_platform("tpu"):` block names the platform
 being compiled for: an ahead-of-time compile for a TPU topology traces on the CPU host,
@@ -41,12 +45,18 @@ from lcjax.attention import blockwise, reference, unrolled
 from lcjax.attention.inputs import AttentionOptions
 from pallas_kernels.block_sparse_attention import attention_with_lse as pallas_with_lse
 from pallas_kernels.block_sparse_attention import backward as pallas_backward
-from pallas_kernels.block_sparse_attention import default_interpret
+from pallas_kernels.block_sparse_attention import backward_accumulate as pallas_accumulate
+from pallas_kernels.block_sparse_attention import (
+  default_interpret,
+  dq_accumulator,
+  dq_from_accumulator,
+)
 from pallas_kernels.block_sparse_attention import forward as pallas_forward
 
 __all__ = [
   "AUTO_IMPL",
   "AttentionImpl",
+  "DqAccumulation",
   "IMPLS",
   "attention_impl",
   "impl_names",
@@ -56,12 +66,26 @@ __all__ = [
 ]
 
 
+class DqAccumulation(NamedTuple):
+  """How ring attention sums dQ over its steps, in an implementation's own layout.
+
+  init(q, opts) -> acc
+  step(q, k, v, out, lse, dout, inputs, opts, acc) -> (acc + this chunk's dq, dk, dv)
+  finish(acc, q) -> dq_BTHD float32
+  """
+
+  init: Callable
+  step: Callable
+  finish: Callable
+
+
 class AttentionImpl(NamedTuple):
   """One attention implementation (see the module docstring for the three signatures)."""
 
   attention: Callable
   forward: Callable
   backward: Callable
+  dq_accumulation: DqAccumulation | None = None
 
 
 # platform -> what "auto" runs: the Pallas kernels on accelerators, the pure-JAX twin on
@@ -147,12 +171,25 @@ def _pallas_backward(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, input
   return pallas_backward(*args, interpret=_pallas_interpret())
 
 
+def _pallas_dq_step(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, acc):
+  """One ring step's dQ (added into `acc`) and dK/dV kernels, for the target platform."""
+  opts = _for_platform(q_BTHD, opts)
+  args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, acc)
+  return pallas_accumulate(*args, interpret=_pallas_interpret())
+
+
+_PALLAS_DQ = DqAccumulation(
+  init=lambda q_BTHD, opts: dq_accumulator(q_BTHD, _for_platform(q_BTHD, opts)),
+  step=_pallas_dq_step,
+  finish=dq_from_accumulator,
+)
+
 IMPLS: dict[str, AttentionImpl] = {
   "reference": AttentionImpl(
     reference.reference_with_lse, reference.reference_fwd, reference.reference_bwd
   ),
   "blockwise": AttentionImpl(unrolled.attention_with_lse, blockwise.forward, blockwise.backward),
-  "pallas": AttentionImpl(_pallas_attention, _pallas_forward, _pallas_backward),
+  "pallas": AttentionImpl(_pallas_attention, _pallas_forward, _pallas_backward, _PALLAS_DQ),
 }
 
 

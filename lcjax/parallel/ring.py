@@ -59,7 +59,7 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from lcjax.attention.blockwise import visited_block_pairs
 from lcjax.attention.inputs import AttentionOptions, MaskInputs, check_qkv, mask_inputs
 from lcjax.attention.masks import EMPTY, MaskSpec
-from lcjax.attention.registry import IMPLS, AttentionImpl
+from lcjax.attention.registry import IMPLS, AttentionImpl, DqAccumulation
 
 __all__ = [
   "STRATEGIES",
@@ -203,32 +203,52 @@ def _ring_forward_local(st: _Static, q, k, v, ids: MaskInputs, count_blocks=Fals
   return attend(acc, kv)
 
 
-def _ring_backward_local(st: _Static, q, k, v, ids: MaskInputs, out, lse, dout):
-  """One device's ring backward: (dq, dk, dv) of its own chunks, in the input dtypes."""
+def _dq_accumulation(st: _Static) -> DqAccumulation:
+  """The implementation's dQ accumulation, or a sum of its `backward` dq in [B, T, H, D]."""
+  if st.impl.dq_accumulation is not None:
+    return st.impl.dq_accumulation
 
-  def attend(dq_BTHD, kv, dkv):
+  def step(q, k, v, out, lse, dout, ids, opts, dq_BTHD):
+    dq_j, dk_j, dv_j = st.impl.backward(q, k, v, out, lse, dout, ids, opts)
+    return dq_BTHD + dq_j, dk_j, dv_j
+
+  init = lambda q, opts: jnp.zeros(q.shape, jnp.float32)  # noqa: E731
+  return DqAccumulation(init, step, lambda dq_BTHD, q: dq_BTHD)
+
+
+def _ring_backward_local(st: _Static, q, k, v, ids: MaskInputs, out, lse, dout):
+  """One device's ring backward: (dq, dk, dv) of its own chunks, in the input dtypes.
+
+  dQ accumulates over the steps in the implementation's layout (`DqAccumulation`: the
+  Pallas dQ kernel adds into one float32 buffer in place, transposed once at the end).
+  """
+  dq_impl = _dq_accumulation(st)
+
+  def attend(dq_acc, kv, dkv):
     chunk_ids = _with_keys(ids, kv)
     dk_BSKD, dv_BSKD = dkv
 
     def compute():
-      dq_j, dk_j, dv_j = st.impl.backward(q, kv[0], kv[1], out, lse, dout, chunk_ids, st.opts)
-      return dq_BTHD + dq_j, (dk_BSKD + dk_j, dv_BSKD + dv_j)
+      args = (q, kv[0], kv[1], out, lse, dout, chunk_ids, st.opts, dq_acc)
+      dq_acc_j, dk_j, dv_j = dq_impl.step(*args)
+      return dq_acc_j, (dk_BSKD + dk_j, dv_BSKD + dv_j)
 
-    return lax.cond(_chunk_visible(st, chunk_ids), compute, lambda: (dq_BTHD, dkv))
+    return lax.cond(_chunk_visible(st, chunk_ids), compute, lambda: (dq_acc, dkv))
 
   def step(carry, _):
-    dq_BTHD, kv, dkv = carry
-    dq_BTHD, dkv = attend(dq_BTHD, kv, dkv)
+    dq_acc, kv, dkv = carry
+    dq_acc, dkv = attend(dq_acc, kv, dkv)
     # dK, dV of a key chunk travel with it (Liu et al. 2023).
     kv, dkv = _send_to_next((kv, dkv), st)
-    return (dq_BTHD, kv, dkv), None
+    return (dq_acc, kv, dkv), None
 
   zeros_BSKD = jnp.zeros(k.shape, jnp.float32)
-  carry = (jnp.zeros(q.shape, jnp.float32), _travelling(k, v, ids), (zeros_BSKD, zeros_BSKD))
-  (dq_BTHD, kv, dkv), _ = lax.scan(step, carry, length=st.ring_size - 1)
-  dq_BTHD, dkv = attend(dq_BTHD, kv, dkv)
+  carry = (dq_impl.init(q, st.opts), _travelling(k, v, ids), (zeros_BSKD, zeros_BSKD))
+  (dq_acc, kv, dkv), _ = lax.scan(step, carry, length=st.ring_size - 1)
+  dq_acc, dkv = attend(dq_acc, kv, dkv)
   # The W-th hop brings each dK, dV buffer home to the device that owns its keys.
   dk_BSKD, dv_BSKD = _send_to_next(dkv, st)
+  dq_BTHD = dq_impl.finish(dq_acc, q)
   return dq_BTHD.astype(q.dtype), dk_BSKD.astype(k.dtype), dv_BSKD.astype(v.dtype)
 
 
