@@ -90,9 +90,9 @@ __all__ = [
   "attention_with_lse",
   "backward",
   "backward_accumulate",
-  "dq_accumulator",
-  "dq_from_accumulator",
   "forward",
+  "grad_accumulators",
+  "grads_from_accumulators",
   "block_sparse_attention",
   "block_sparse_bwd",
   "block_sparse_fwd",
@@ -127,8 +127,8 @@ def _attend_bwd(st, res, cotangents):
   q, k, v, ids, tables, out_BHTD, lse_BHT1 = res
   dout_BHTD, dlse_BHT1 = cotangents
   delta_BHT1 = _delta(dout_BHTD, out_BHTD, axis=-1)[..., None] - dlse_BHT1
-  dq_in_BHTD = jnp.zeros(q.shape, jnp.float32)
-  dq, dk, dv = _backward(st, (q, k, v, *ids, *tables), dout_BHTD, lse_BHT1, delta_BHT1, dq_in_BHTD)
+  grads_in = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+  dq, dk, dv = _backward(st, (q, k, v, *ids, *tables), dout_BHTD, lse_BHT1, delta_BHT1, grads_in)
   # Integer inputs (mask indices, segment ids, tables) take no cotangent.
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
@@ -271,10 +271,10 @@ def _forward_only(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret):
 
 
 def _backward_kernels(
-  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT, dq_in_BHTD,
+  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT, grads_in,
   interpret,
 ):  # fmt: skip
-  """(dq_in + dq in the kernel layout [B, H, Tp, Dp], dk_BSKD, dv_BSKD), float32."""
+  """`grads_in` + (dq, dk, dv), float32 in the kernel layout ([B, H, Tp, Dp], [B, K, Sp, Dp])."""
   p = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret)
   T, Tp = q_BTHD.shape[1], p.q_BHTD.shape[2]
   dout_BHTD = _to_kernel_layout(dout_BTHD, Tp, p.q_BHTD.shape[3])
@@ -286,34 +286,43 @@ def _backward_kernels(
   delta_BHT1 = jnp.pad(delta_BHT, [(0, 0), (0, 0), (0, Tp - T)])[..., None]
   lse_BHT1 = jnp.pad(lse_BHT, [(0, 0), (0, 0), (0, Tp - T)], constant_values=-jnp.inf)[..., None]
   res = (p.q_BHTD, p.k_BKSD, p.v_BKSD, *p.ids, p.fwd_tables, p.bwd_tables)
-  dq_BHTD, dk_BKSD, dv_BKSD = _backward(p.st, res, dout_BHTD, lse_BHT1, delta_BHT1, dq_in_BHTD)
-  S, D = k_BSKD.shape[1], q_BTHD.shape[3]
-  return dq_BHTD, _from_kernel_layout(dk_BKSD, S, D), _from_kernel_layout(dv_BKSD, S, D)
+  return _backward(p.st, res, dout_BHTD, lse_BHT1, delta_BHT1, grads_in)
 
 
 @functools.partial(jax.jit, static_argnums=(7, 9))
 def _backward_only(
   q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT, interpret
 ):
-  dq_in_BHTD = _dq_accumulator(q_BTHD, opts)
+  grads_in = _grad_accumulators(q_BTHD, k_BSKD, opts)
   args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dlse_BHT)
-  dq_BHTD, dk_BSKD, dv_BSKD = _backward_kernels(*args, dq_in_BHTD, interpret)
-  return _from_kernel_layout(dq_BHTD, q_BTHD.shape[1], q_BTHD.shape[3]), dk_BSKD, dv_BSKD
+  grads = _backward_kernels(*args, grads_in, interpret)
+  return _from_accumulators(grads, q_BTHD, k_BSKD, jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(7, 9))
 def _backward_accumulate(
-  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dq_acc_BHTD, interpret
+  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, grads, interpret
 ):
   args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, None)
-  return _backward_kernels(*args, dq_acc_BHTD, interpret)
+  return _backward_kernels(*args, grads, interpret)
 
 
-def _dq_accumulator(q_BTHD, opts: AttentionOptions) -> jax.Array:
-  """Zeros in the dQ kernel's layout [B, H, Tp, Dp] float32 (rows and head dim padded)."""
+def _grad_accumulators(q_BTHD, k_BSKD, opts: AttentionOptions):
+  """Zeros (dq, dk, dv) in the kernels' layouts, float32 (rows and head dim padded)."""
   B, T, H, D = q_BTHD.shape
-  bq = min(opts.block_q, _pow2_at_least(T))
-  return jnp.zeros((B, H, _round_up(T, bq), _pow2_at_least(D)), jnp.float32)
+  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+  Tp = _round_up(T, min(opts.block_q, _pow2_at_least(T)))
+  Sp = _round_up(S, min(opts.block_kv, _pow2_at_least(S)))
+  Dp = _pow2_at_least(D)
+  dq = jnp.zeros((B, H, Tp, Dp), jnp.float32)
+  return dq, *(jnp.zeros((B, K, Sp, Dp), jnp.float32) for _ in range(2))
+
+
+def _from_accumulators(grads, q_BTHD, k_BSKD, dtype):
+  """(dq_BTHD, dk_BSKD, dv_BSKD) in `dtype`, cast before the transposes."""
+  T, S, D = q_BTHD.shape[1], k_BSKD.shape[1], q_BTHD.shape[3]
+  dq, dk, dv = (g.astype(dtype) for g in grads)
+  return _from_kernel_layout(dq, T, D), _from_kernel_layout(dk, S, D), _from_kernel_layout(dv, S, D)
 
 
 def _check_interpret(name, q_BTHD, interpret):
@@ -381,31 +390,33 @@ def backward(
   )
 
 
-def dq_accumulator(q_BTHD, opts: AttentionOptions) -> jax.Array:
-  """A zero dQ accumulator for `backward_accumulate`, in the kernels' layout (float32)."""
+def grad_accumulators(q_BTHD, k_BSKD, opts: AttentionOptions):
+  """Zero (dq, dk, dv) accumulators for `backward_accumulate`, in the kernels' layouts."""
   _check_blocks(opts)
-  return _dq_accumulator(q_BTHD, opts)
+  return _grad_accumulators(q_BTHD, k_BSKD, opts)
 
 
 def backward_accumulate(
-  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dq_acc, *, interpret=None
+  q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, grads, *, interpret=None
 ):
-  """`backward` for ring attention: dQ is added into `dq_acc` in the kernels' layout.
+  """`backward` for ring attention: gradients are added into `grads` in the kernels' layout.
 
-  Returns `(dq_acc + dq, dk_BSKD, dv_BSKD)`, float32. The dQ kernel writes the sum over the
-  accumulator (aliased), so a ring of W steps holds one float32 dQ buffer and
-  transposes it once (`dq_from_accumulator`), instead of a fresh buffer and a transpose per
-  step. Delta = rowsum(dO ∘ O) is formed from `out_BTHD` as given (no float32 copy of O).
+  `grads` = (dq, dk, dv) float32 accumulators (`grad_accumulators`); returns them plus these
+  keys' dq, dk, dv. Each kernel writes the sums over its accumulators (aliased operands), so
+  a ring of W steps holds one float32 dQ buffer and one dK, dV pair per travelling chunk
+  and transposes them once (`grads_from_accumulators`), instead of fresh buffers and
+  transposes per step. Delta = rowsum(dO ∘ O) is formed from `out_BTHD` as given (no
+  float32 copy of O).
   """
   _check_blocks(opts)
   interpret = _check_interpret("block_sparse_bwd", q_BTHD, interpret)
-  args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dq_acc)
+  args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, tuple(grads))
   return _backward_accumulate(*args, interpret)
 
 
-def dq_from_accumulator(dq_acc, q_BTHD) -> jax.Array:
-  """The accumulated dQ as [B, T, H, D] float32 (padding dropped)."""
-  return _from_kernel_layout(dq_acc, q_BTHD.shape[1], q_BTHD.shape[3])
+def grads_from_accumulators(grads, q_BTHD, k_BSKD):
+  """The accumulated (dq_BTHD, dk_BSKD, dv_BSKD) in the input dtypes (padding dropped)."""
+  return _from_accumulators(grads, q_BTHD, k_BSKD, q_BTHD.dtype)
 
 
 # The public keyword entry points, with `blockwise_attention_with_lse`'s signature plus

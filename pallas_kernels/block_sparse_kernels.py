@@ -82,13 +82,14 @@ def _dq_kernel(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv):
 
 
 def _dkv_kernel(q_index_ref, q_count_ref, q_kind_ref, *refs, st, n_q, n_kv):
-  """dK, dV of FlashAttention-2 Alg. 2 for one (batch, kv head, kv block).
+  """dK, dV of FlashAttention-2 Alg. 2 for one (batch, kv head, kv block), added to the
+  blocks of `dk_in`, `dv_in` (aliased to the outputs).
 
   Loops over the q blocks whose rows see this kv block (the transposed tables) and the
   G query heads that share the kv head; the q-side refs hold all T rows of the heads.
   """
   q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, refs = _split_mask_refs(st, refs)
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref = refs
   j, kv_head = pl.program_id(2), _program_kv_head(st, query_heads=False)
   row = _table_row(st, pl.program_id(0), kv_head, j, n_kv)
   k, v, k_ids = k_ref[...], v_ref[...], _kv_column_ids(st, k_pos_ref, k_seg_ref, j)
@@ -110,8 +111,8 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_kind_ref, *refs, st, n_q, n_kv):
 
   zeros = jnp.zeros(k_ref.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, q_count_ref[row], step, (zeros, zeros))
-  dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dk_ref[...] = (dk_in_ref[...] + dk * st.scale).astype(dk_ref.dtype)
+  dv_ref[...] = (dv_in_ref[...] + dv).astype(dv_ref.dtype)
 
 
 # Pipelined TPU kernels: grid (batch, head, block, step); the index maps read the
@@ -180,9 +181,11 @@ def _dq_kernel_tpu(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv
 
 def _dkv_kernel_tpu(q_index_ref, q_count_ref, q_kind_ref, *refs, st, n_q, n_kv):
   """dK, dV of FlashAttention-2 Alg. 2, step s of (batch, kv head, kv block): the s-th q
-  block that sees it, for the G query heads of the kv head (q-side blocks [G, bq, .])."""
+  block that sees it, for the G query heads of the kv head (q-side blocks [G, bq, .]); the
+  last step adds the blocks of `dk_in`, `dv_in` (aliased to the outputs)."""
   q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, refs = _split_mask_refs(st, refs)
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_in_ref, dv_in_ref, *refs = refs
+  dk_ref, dv_ref, dk_sc, dv_sc = refs
   j, s, kv_head = pl.program_id(2), pl.program_id(3), _program_kv_head(st, query_heads=False)
   row = _table_row(st, pl.program_id(0), kv_head, j, n_kv)
 
@@ -204,5 +207,5 @@ def _dkv_kernel_tpu(q_index_ref, q_count_ref, q_kind_ref, *refs, st, n_q, n_kv):
 
   @pl.when(s == n_q - 1)
   def _finish():
-    dk_ref[...] = (dk_sc[...] * st.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+    dk_ref[...] = (dk_in_ref[...] + dk_sc[...] * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = (dv_in_ref[...] + dv_sc[...]).astype(dv_ref.dtype)

@@ -205,14 +205,16 @@ def _forward(st, q_BHTD, k_BKSD, v_BKSD, q_pos, k_pos, q_seg, k_seg, fwd_tables)
   return _launch(st, _flat(fwd_tables), [*ids, q_BHTD, k_BKSD, v_BKSD], out_shapes, loop, tpu)
 
 
-def _backward(st, res, dout_BHTD, lse_BHT1, delta_BHT1, dq_in_BHTD):
-  """dQ and dK/dV kernels: (dq_in + dq, dk, dv) float32, in the kernel layout.
+def _backward(st, res, dout_BHTD, lse_BHT1, delta_BHT1, grads_in):
+  """dQ and dK/dV kernels: (dq_in + dq, dk_in + dk, dv_in + dv) float32, kernel layout.
 
   `delta_BHT1` is Delta_i = rowsum(dO_i ∘ O_i) - dL_i (d lse_i / d S_ij = P_ij), formed by
-  the caller in whichever layout holds O. The dQ kernel adds its result to `dq_in_BHTD` and
-  writes the sum over it (aliased), so ring attention accumulates dQ across steps in this
-  layout without a fresh buffer or a transpose per step.
+  the caller in whichever layout holds O. `grads_in` = (dq_in_BHTD, dk_in_BKSD, dv_in_BKSD):
+  each kernel adds its result to them and writes the sums over them (aliased operands), so
+  ring attention accumulates dQ, and the dK, dV that travel with the keys, across steps in
+  this layout, without fresh buffers or transposes per step.
   """
+  dq_in_BHTD, dk_in_BKSD, dv_in_BKSD = grads_in
   q_BHTD, k_BKSD, v_BKSD, q_pos, k_pos, q_seg, k_seg, fwd_tables, bwd_tables = res
   B, Hq, Tp, D = q_BHTD.shape
   Hkv, Sp = k_BKSD.shape[1], k_BKSD.shape[2]
@@ -287,22 +289,26 @@ def _backward(st, res, dout_BHTD, lse_BHT1, delta_BHT1, dq_in_BHTD):
     (B, Hkv, n_kv),
     loop_id_specs
     + [group_spec(Tp, D), kv_block, kv_block, group_spec(Tp, D)]
-    + [group_spec(1, Tp), group_spec(1, Tp)],
+    + [group_spec(1, Tp), group_spec(1, Tp), kv_block, kv_block],
     [kv_block] * 2,
   )
   tpu = _Variant(
     functools.partial(_dkv_kernel_tpu, **statics),
     (B, Hkv, n_kv, n_q),
-    tpu_id_specs + [q_tpu, kv_block, kv_block, q_tpu, row_tpu, row_tpu],
+    tpu_id_specs + [q_tpu, kv_block, kv_block, q_tpu, row_tpu, row_tpu, kv_block, kv_block],
     [kv_block] * 2,
     [_vmem(bk, D), _vmem(bk, D)],
   )
+  dkv_inputs = [*ids, q_BKGTD, k_BKSD, v_BKSD, do_BKGTD, lse_BKG1T, delta_BKG1T]
+  dkv_inputs += [dk_in_BKSD, dv_in_BKSD]
+  n = len(dkv_inputs)
   dk_BKSD, dv_BKSD = _launch(
     st,
     _flat(bwd_tables),
-    [*ids, q_BKGTD, k_BKSD, v_BKSD, do_BKGTD, lse_BKG1T, delta_BKG1T],
+    dkv_inputs,
     [jax.ShapeDtypeStruct((B, Hkv, Sp, D), jnp.float32)] * 2,
     loop,
     tpu,
+    aliases={n - 2: 0, n - 1: 1},
   )
   return dq_BHTD, dk_BKSD, dv_BKSD

@@ -490,22 +490,22 @@ def test_fwd_and_bwd_entry_points_match_blockwise_twins():
 
 
 @pytest.mark.parametrize("launcher", ["loop", "tpu"])
-def test_backward_accumulate_adds_dq_into_the_accumulator(launcher):
-  """Ring attention's Pallas dQ path: each call adds its keys' dq into a float32 buffer in
-  the kernels' layout, which the dQ kernel overwrites in place (an aliased operand).
+def test_backward_accumulate_adds_into_the_accumulators(launcher):
+  """Ring attention's Pallas path: each call adds its keys' dq, dk, dv into float32 buffers
+  in the kernels' layout, which the kernels overwrite in place (aliased operands).
 
-  From a random (nonzero) accumulator, the two halves of the keys give accumulator + the
-  full dq, and each half's dk, dv equal `backward`'s; the loop kernels (interpreted) and
-  the pipelined TPU kernels (TPU interpreter: 128-blocks, D = 128, T = 200 padded to 256,
-  GQA, documents, the anchor column). Same fp32 tolerance as above.
+  From random (nonzero) accumulators, the two halves of the keys give dq accumulator + the
+  full dq, and each half's dk, dv accumulators + `backward`'s; the loop kernels
+  (interpreted) and the pipelined TPU kernels (TPU interpreter: 128-blocks, D = 128,
+  T = 200 padded to 256, GQA, documents, the anchor column). Same fp32 tolerance as above.
   """
   from lcjax.attention.inputs import AttentionOptions, MaskInputs
   from pallas_kernels.block_sparse_attention import (
     backward,
     backward_accumulate,
-    dq_accumulator,
-    dq_from_accumulator,
     forward,
+    grad_accumulators,
+    grads_from_accumulators,
   )
 
   T, half = 200, 100
@@ -514,18 +514,24 @@ def test_backward_accumulate_adds_dq_into_the_accumulator(launcher):
   opts = AttentionOptions(MaskSpec(document=True, anchor=True), None, 128, 128)
   interpret = True if launcher == "loop" else pltpu.InterpretParams()
   out, lse = forward(q, k, v, MaskInputs(q_segment_ids=seg, kv_segment_ids=seg), opts)
-  acc0 = dq_accumulator(q, opts)
-  assert acc0.shape == (1, 4, 256, 128) and acc0.dtype == jnp.float32
-  acc0 = jnp.asarray(np.random.default_rng(9).standard_normal(acc0.shape), jnp.float32)
-  acc, dq_want = acc0, dq_from_accumulator(acc0, q)
+  rng = np.random.default_rng(9)
   pos = np.arange(T)
+  dq_acc = None
   for part in (slice(0, half), slice(half, T)):
+    k_p, v_p = k[:, part], v[:, part]
+    zeros = grad_accumulators(q, k_p, opts)
+    assert [z.shape for z in zeros] == [(1, 4, 256, 128), (1, 2, 128, 128), (1, 2, 128, 128)]
+    start = [jnp.asarray(rng.standard_normal(z.shape), jnp.float32) for z in zeros]
+    if dq_acc is not None:
+      start[0] = dq_acc
+    dq_start, dk_start, dv_start = grads_from_accumulators(start, q, k_p)
     inputs = MaskInputs(None, pos[part], seg, seg[:, part])
-    args = (q, k[:, part], v[:, part], out, lse, w_out, inputs, opts)
-    acc, dk, dv = backward_accumulate(*args, acc, interpret=interpret)
-    dq_p, dk_want, dv_want = backward(*args, interpret=True)
-    dq_want = dq_want + dq_p
-    np.testing.assert_allclose(dk, dk_want, **FP32_TOL, err_msg="dk")
-    np.testing.assert_allclose(dv, dv_want, **FP32_TOL, err_msg="dv")
-  np.testing.assert_allclose(dq_from_accumulator(acc, q), dq_want, **FP32_TOL, err_msg="dq")
-  assert float(jnp.abs(dq_want - dq_from_accumulator(acc0, q)).max()) > 1e-3  # dq is not 0
+    args = (q, k_p, v_p, out, lse, w_out, inputs, opts)
+    acc = backward_accumulate(*args, start, interpret=interpret)
+    dq_p, dk_p, dv_p = backward(*args, interpret=True)
+    dq, dk, dv = grads_from_accumulators(acc, q, k_p)
+    np.testing.assert_allclose(dk, dk_start + dk_p, **FP32_TOL, err_msg="dk")
+    np.testing.assert_allclose(dv, dv_start + dv_p, **FP32_TOL, err_msg="dv")
+    np.testing.assert_allclose(dq, dq_start + dq_p, **FP32_TOL, err_msg="dq")
+    assert min(float(jnp.abs(g).max()) for g in (dq_p, dk_p, dv_p)) > 1e-3  # not all 0
+    dq_acc = acc[0]

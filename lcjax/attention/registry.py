@@ -20,9 +20,10 @@ mapping of its own.
 * pallas: the `pallas_kernels` block-sparse kernels (Mosaic on TPU, Triton on GPU,
   interpret mode on CPU).
 
-An implementation may also say how ring attention accumulates dQ over its steps
-(`DqAccumulation`): the Pallas dQ kernel adds into one float32 buffer in its own layout,
-which it overwrites in place. Without one, the ring adds each step's `backward` dq.
+An implementation may also say how ring attention accumulates gradients over its steps
+(`GradAccumulation`): the Pallas dQ and dK/dV kernels add into float32 buffers in their
+own layout, which they overwrite in place (dK, dV travel the ring in that layout). Without
+one, the ring adds each step's `backward` (dq, dk, dv) in the callers' layout.
 
 `auto` resolves per call: pallas on TPU/GPU, blockwise on CPU. The platform is the one
 the inputs live on, unless a `with target_platform("tpu"):` block names the platform
@@ -48,15 +49,15 @@ from pallas_kernels.block_sparse_attention import backward as pallas_backward
 from pallas_kernels.block_sparse_attention import backward_accumulate as pallas_accumulate
 from pallas_kernels.block_sparse_attention import (
   default_interpret,
-  dq_accumulator,
-  dq_from_accumulator,
+  grad_accumulators,
+  grads_from_accumulators,
 )
 from pallas_kernels.block_sparse_attention import forward as pallas_forward
 
 __all__ = [
   "AUTO_IMPL",
   "AttentionImpl",
-  "DqAccumulation",
+  "GradAccumulation",
   "IMPLS",
   "attention_impl",
   "impl_names",
@@ -66,12 +67,14 @@ __all__ = [
 ]
 
 
-class DqAccumulation(NamedTuple):
-  """How ring attention sums dQ over its steps, in an implementation's own layout.
+class GradAccumulation(NamedTuple):
+  """How ring attention sums gradients over its steps, in an implementation's own layout.
 
-  init(q, opts) -> acc
-  step(q, k, v, out, lse, dout, inputs, opts, acc) -> (acc + this chunk's dq, dk, dv)
-  finish(acc, q) -> dq_BTHD float32
+  - init(q, k, opts) -> (dq_acc, dkv_acc); dkv_acc travels the ring with its keys.
+  - step(q, k, v, out, lse, dout, inputs, opts, dq_acc, dkv_acc) -> (dq_acc, dkv_acc) adds
+    one key chunk's gradients (FlashAttention-2 Alg. 2 against the merged out and lse).
+  - finish(dq_acc, dkv_acc, q, k) -> (dq_BTHD, dk_BSKD, dv_BSKD), float32 or the input
+    dtypes (the ring casts).
   """
 
   init: Callable
@@ -85,7 +88,7 @@ class AttentionImpl(NamedTuple):
   attention: Callable
   forward: Callable
   backward: Callable
-  dq_accumulation: DqAccumulation | None = None
+  grad_accumulation: GradAccumulation | None = None
 
 
 # platform -> what "auto" runs: the Pallas kernels on accelerators, the pure-JAX twin on
@@ -171,25 +174,31 @@ def _pallas_backward(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, input
   return pallas_backward(*args, interpret=_pallas_interpret())
 
 
-def _pallas_dq_step(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, acc):
-  """One ring step's dQ (added into `acc`) and dK/dV kernels, for the target platform."""
+def _pallas_grads_init(q_BTHD, k_BSKD, opts):
+  dq, dk, dv = grad_accumulators(q_BTHD, k_BSKD, _for_platform(q_BTHD, opts))
+  return dq, (dk, dv)
+
+
+def _pallas_grads_step(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, dq, dkv):
+  """One ring step's dQ and dK/dV kernels, adding into the accumulators (target platform)."""
   opts = _for_platform(q_BTHD, opts)
-  args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, acc)
-  return pallas_accumulate(*args, interpret=_pallas_interpret())
+  args = (q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, inputs, opts, (dq, *dkv))
+  dq, dk, dv = pallas_accumulate(*args, interpret=_pallas_interpret())
+  return dq, (dk, dv)
 
 
-_PALLAS_DQ = DqAccumulation(
-  init=lambda q_BTHD, opts: dq_accumulator(q_BTHD, _for_platform(q_BTHD, opts)),
-  step=_pallas_dq_step,
-  finish=dq_from_accumulator,
-)
+def _pallas_grads_finish(dq, dkv, q_BTHD, k_BSKD):
+  return grads_from_accumulators((dq, *dkv), q_BTHD, k_BSKD)
+
+
+_PALLAS_GRADS = GradAccumulation(_pallas_grads_init, _pallas_grads_step, _pallas_grads_finish)
 
 IMPLS: dict[str, AttentionImpl] = {
   "reference": AttentionImpl(
     reference.reference_with_lse, reference.reference_fwd, reference.reference_bwd
   ),
   "blockwise": AttentionImpl(unrolled.attention_with_lse, blockwise.forward, blockwise.backward),
-  "pallas": AttentionImpl(_pallas_attention, _pallas_forward, _pallas_backward, _PALLAS_DQ),
+  "pallas": AttentionImpl(_pallas_attention, _pallas_forward, _pallas_backward, _PALLAS_GRADS),
 }
 
 

@@ -59,7 +59,7 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from lcjax.attention.blockwise import visited_block_pairs
 from lcjax.attention.inputs import AttentionOptions, MaskInputs, check_qkv, mask_inputs
 from lcjax.attention.masks import EMPTY, MaskSpec
-from lcjax.attention.registry import IMPLS, AttentionImpl, DqAccumulation
+from lcjax.attention.registry import IMPLS, AttentionImpl, GradAccumulation
 
 __all__ = [
   "STRATEGIES",
@@ -203,53 +203,52 @@ def _ring_forward_local(st: _Static, q, k, v, ids: MaskInputs, count_blocks=Fals
   return attend(acc, kv)
 
 
-def _dq_accumulation(st: _Static) -> DqAccumulation:
-  """The implementation's dQ accumulation, or a sum of its `backward` dq in [B, T, H, D]."""
-  if st.impl.dq_accumulation is not None:
-    return st.impl.dq_accumulation
+def _grad_accumulation(st: _Static) -> GradAccumulation:
+  """The implementation's gradient accumulation, or sums of its `backward` in [B, T, H, D]."""
+  if st.impl.grad_accumulation is not None:
+    return st.impl.grad_accumulation
 
-  def step(q, k, v, out, lse, dout, ids, opts, dq_BTHD):
+  def init(q, k, opts):
+    zeros_BSKD = jnp.zeros(k.shape, jnp.float32)
+    return jnp.zeros(q.shape, jnp.float32), (zeros_BSKD, zeros_BSKD)
+
+  def step(q, k, v, out, lse, dout, ids, opts, dq_BTHD, dkv):
     dq_j, dk_j, dv_j = st.impl.backward(q, k, v, out, lse, dout, ids, opts)
-    return dq_BTHD + dq_j, dk_j, dv_j
+    return dq_BTHD + dq_j, (dkv[0] + dk_j, dkv[1] + dv_j)
 
-  init = lambda q, opts: jnp.zeros(q.shape, jnp.float32)  # noqa: E731
-  return DqAccumulation(init, step, lambda dq_BTHD, q: dq_BTHD)
+  return GradAccumulation(init, step, lambda dq, dkv, q, k: (dq, *dkv))
 
 
 def _ring_backward_local(st: _Static, q, k, v, ids: MaskInputs, out, lse, dout):
   """One device's ring backward: (dq, dk, dv) of its own chunks, in the input dtypes.
 
-  dQ accumulates over the steps in the implementation's layout (`DqAccumulation`: the
-  Pallas dQ kernel adds into one float32 buffer in place, transposed once at the end).
+  Gradients accumulate over the steps in the implementation's layout (`GradAccumulation`:
+  the Pallas kernels add into float32 buffers in place, transposed once at the end); the
+  dK, dV of a key chunk travel with it (Liu et al. 2023) until they arrive home.
   """
-  dq_impl = _dq_accumulation(st)
+  grads = _grad_accumulation(st)
 
   def attend(dq_acc, kv, dkv):
     chunk_ids = _with_keys(ids, kv)
-    dk_BSKD, dv_BSKD = dkv
 
     def compute():
-      args = (q, kv[0], kv[1], out, lse, dout, chunk_ids, st.opts, dq_acc)
-      dq_acc_j, dk_j, dv_j = dq_impl.step(*args)
-      return dq_acc_j, (dk_BSKD + dk_j, dv_BSKD + dv_j)
+      return grads.step(q, kv[0], kv[1], out, lse, dout, chunk_ids, st.opts, dq_acc, dkv)
 
     return lax.cond(_chunk_visible(st, chunk_ids), compute, lambda: (dq_acc, dkv))
 
   def step(carry, _):
     dq_acc, kv, dkv = carry
     dq_acc, dkv = attend(dq_acc, kv, dkv)
-    # dK, dV of a key chunk travel with it (Liu et al. 2023).
     kv, dkv = _send_to_next((kv, dkv), st)
     return (dq_acc, kv, dkv), None
 
-  zeros_BSKD = jnp.zeros(k.shape, jnp.float32)
-  carry = (dq_impl.init(q, st.opts), _travelling(k, v, ids), (zeros_BSKD, zeros_BSKD))
+  dq_acc, dkv = grads.init(q, k, st.opts)
+  carry = (dq_acc, _travelling(k, v, ids), dkv)
   (dq_acc, kv, dkv), _ = lax.scan(step, carry, length=st.ring_size - 1)
   dq_acc, dkv = attend(dq_acc, kv, dkv)
   # The W-th hop brings each dK, dV buffer home to the device that owns its keys.
-  dk_BSKD, dv_BSKD = _send_to_next(dkv, st)
-  dq_BTHD = dq_impl.finish(dq_acc, q)
-  return dq_BTHD.astype(q.dtype), dk_BSKD.astype(k.dtype), dv_BSKD.astype(v.dtype)
+  dq, dk, dv = grads.finish(dq_acc, _send_to_next(dkv, st), q, k)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _gather_kv(st: _Static, k, v, ids: MaskInputs):
