@@ -489,15 +489,15 @@ def test_fwd_and_bwd_entry_points_match_blockwise_twins():
       np.testing.assert_allclose(g, g_t, **FP32_TOL, err_msg=name)
 
 
-@pytest.mark.parametrize("launcher", ["loop", "tpu"])
-def test_backward_accumulate_adds_into_the_accumulators(launcher):
+def test_backward_accumulate_adds_into_the_accumulators():
   """Ring attention's Pallas path: each call adds its keys' dq, dk, dv into float32 buffers
   in the kernels' layout, which the kernels overwrite in place (aliased operands).
 
   From random (nonzero) accumulators, the two halves of the keys give dq accumulator + the
-  full dq, and each half's dk, dv accumulators + `backward`'s; the loop kernels
-  (interpreted) and the pipelined TPU kernels (TPU interpreter: 128-blocks, D = 128,
-  T = 200 padded to 256, GQA, documents, the anchor column). Same fp32 tolerance as above.
+  full dq, and each half's dk, dv accumulators + `backward`'s (the loop kernels), in the
+  pipelined TPU kernels (TPU interpreter: 128-blocks, D = 128, T = 200 padded to 256, GQA,
+  documents, the anchor column). The loop kernels accumulate in every ring test with
+  `block_impl="pallas"` (tests/test_ring.py). Same fp32 tolerance as above.
   """
   from lcjax.attention.inputs import AttentionOptions, MaskInputs
   from pallas_kernels.block_sparse_attention import (
@@ -512,7 +512,7 @@ def test_backward_accumulate_adds_into_the_accumulators(launcher):
   q, k, v, (w_out, _) = random_qkv(8, 1, T, T, 4, 2, 128)
   seg = packed_rows(T, [[70, 130]])
   opts = AttentionOptions(MaskSpec(document=True, anchor=True), None, 128, 128)
-  interpret = True if launcher == "loop" else pltpu.InterpretParams()
+  interpret = pltpu.InterpretParams()
   out, lse = forward(q, k, v, MaskInputs(q_segment_ids=seg, kv_segment_ids=seg), opts)
   rng = np.random.default_rng(9)
   pos = np.arange(T)
