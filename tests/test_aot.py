@@ -18,8 +18,9 @@ def _quickstart(arg):
 
 # `make test` also compiles the README's pod command (fsdp 8 x context 8 ring on v5p:4x4x4, a
 # tiny model) in tests/test_readme_commands.py; this checks the report's fields.
-def test_ring_attention_train_step_compiles_for_v5p_with_pallas(monkeypatch):
+def test_ring_attention_train_step_compiles_for_v5p_with_pallas(monkeypatch, tmp_path):
   compiled, lower = [], aot.lower_train_step
+  monkeypatch.setenv(aot.DUMP_ENV, str(tmp_path / "xla"))
 
   def lower_and_keep(config, devices):
     out = lower(config, devices)
@@ -52,6 +53,9 @@ def test_ring_attention_train_step_compiles_for_v5p_with_pallas(monkeypatch):
     check_host_memory({**report, "host_budget_bytes": 1e-9 * aot.GiB})
   text = format_report(report)
   assert "v5p:2x2x2" in text and "attention impl: pallas" in text
+  # LCJAX_XLA_DUMP_TO: XLA's buffer-level memory report of the compiled step.
+  reports = list((tmp_path / "xla").glob("*jit_step*memory-usage-report.txt"))
+  assert reports and "Total bytes" in reports[0].read_text()
   assert "host (pinned_host) per device: 0.00 GiB; per host (4 devices)" in text
 
 

@@ -12,10 +12,14 @@ policies move there) is summed over the devices that share a host and checked ag
 
   python scripts/train.py --config configs/NAME.py --workdir /tmp/aot \
       --compile_only --topology v5p:4x4x4
+
+With LCJAX_XLA_DUMP_TO=DIR set, XLA writes the compiled step's HLO, buffer assignment and
+memory-usage report there (`DUMP_ENV`): where a step's memory goes, buffer by buffer.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any
 
@@ -69,6 +73,18 @@ def _hbm(device) -> int | None:
   return None
 
 
+# A folder for XLA's dumps of the compiled step: the optimized HLO, its buffer assignment,
+# live ranges and `*memory-usage-report.txt` (which buffers share each slot of HBM, with
+# their on-chip layouts). libtpu does not read XLA_FLAGS' --xla_dump_to, so the option
+# goes to the compile call.
+DUMP_ENV = "LCJAX_XLA_DUMP_TO"
+
+
+def _compiler_options() -> dict[str, str] | None:
+  folder = os.environ.get(DUMP_ENV)
+  return {"xla_dump_to": folder} if folder else None
+
+
 def lower_train_step(config, devices):
   """(compiled train step, RunSetup, mesh) of `config` on `devices` (real or a topology's).
 
@@ -87,7 +103,7 @@ def lower_train_step(config, devices):
   # Traced on this host, compiled for the devices' platform: "auto" follows the latter.
   with jax.set_mesh(mesh), target_platform(devices[0].platform):
     try:
-      compiled = step.lower(state, batch_spec(config, mesh)).compile()
+      compiled = step.lower(state, batch_spec(config, mesh)).compile(_compiler_options())
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
