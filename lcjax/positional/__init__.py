@@ -1,7 +1,8 @@
 """Rotary position embeddings with scaling types, and position-id schemes for packed rows."""
 
-# rope_variants registers the paper variants (abf, eabf, giraffe, nope) in ROPE_TYPES.
-from lcjax.positional import rope_variants  # noqa: F401
+# rope_hf_types registers the Hugging Face types and rope_variants the paper variants (abf,
+# eabf, giraffe, nope) in ROPE_TYPES.
+from lcjax.positional import rope_hf_types, rope_variants  # noqa: F401
 from lcjax.positional.positions import POSITION_SCHEMES, make_positions
 from lcjax.positional.rope import (
   DEFAULT_ROPE_THETA,

@@ -28,12 +28,10 @@ from lcjax.positional.rope import (
   Params,
   RopeType,
   _base_inv_freq,
-  _check_dynamic,
-  _inv_freq_default,
-  _inv_freq_yarn,
   _is_number,
   register_rope_type,
 )
+from lcjax.positional.rope_hf_types import _check_dynamic, _inv_freq_default, _inv_freq_yarn
 
 _ORIG = "original_max_position_embeddings"
 
