@@ -113,22 +113,22 @@ def default_interpret(x: jax.Array) -> bool:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attend(st, q, k, v, ids: MaskInputs, tables):
   """The kernels under one custom VJP; `tables` = (forward/dQ tables, dK/dV tables)."""
-  out_BHTD, lse_BHT1 = _forward(st, q, k, v, *ids, tables[0])
-  return out_BHTD.astype(q.dtype), lse_BHT1
+  out_BHTD, lse_BH1T = _forward(st, q, k, v, *ids, tables[0])
+  return out_BHTD.astype(q.dtype), lse_BH1T
 
 
 def _attend_fwd(st, q, k, v, ids: MaskInputs, tables):
-  out_BHTD, lse_BHT1 = _forward(st, q, k, v, *ids, tables[0])
+  out_BHTD, lse_BH1T = _forward(st, q, k, v, *ids, tables[0])
   # Residuals are O(T): inputs, tables, the fp32 output and the lse; never probabilities.
-  return (out_BHTD.astype(q.dtype), lse_BHT1), (q, k, v, ids, tables, out_BHTD, lse_BHT1)
+  return (out_BHTD.astype(q.dtype), lse_BH1T), (q, k, v, ids, tables, out_BHTD, lse_BH1T)
 
 
 def _attend_bwd(st, res, cotangents):
-  q, k, v, ids, tables, out_BHTD, lse_BHT1 = res
-  dout_BHTD, dlse_BHT1 = cotangents
-  delta_BHT1 = _delta(dout_BHTD, out_BHTD, axis=-1)[..., None] - dlse_BHT1
+  q, k, v, ids, tables, out_BHTD, lse_BH1T = res
+  dout_BHTD, dlse_BH1T = cotangents
+  delta_BH1T = _delta(dout_BHTD, out_BHTD, axis=-1)[:, :, None, :] - dlse_BH1T
   grads_in = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
-  dq, dk, dv = _backward(st, (q, k, v, *ids, *tables), dout_BHTD, lse_BHT1, delta_BHT1, grads_in)
+  dq, dk, dv = _backward(st, (q, k, v, *ids, *tables), dout_BHTD, lse_BH1T, delta_BH1T, grads_in)
   # Integer inputs (mask indices, segment ids, tables) take no cotangent.
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
@@ -257,17 +257,17 @@ def _from_kernel_layout(x_BHTD, T, D):
 def _attention_with_lse(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret):
   p = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret)
   tables = (p.fwd_tables, p.bwd_tables)
-  out_BHTD, lse_BHT1 = _attend(p.st, p.q_BHTD, p.k_BKSD, p.v_BKSD, p.ids, tables)
+  out_BHTD, lse_BH1T = _attend(p.st, p.q_BHTD, p.k_BKSD, p.v_BKSD, p.ids, tables)
   T, D = q_BTHD.shape[1], q_BTHD.shape[3]
-  return _from_kernel_layout(out_BHTD, T, D), lse_BHT1[:, :, :T, 0]
+  return _from_kernel_layout(out_BHTD, T, D), lse_BH1T[:, :, 0, :T]
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _forward_only(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret):
   p = _prepare(q_BTHD, k_BSKD, v_BSKD, inputs, opts, interpret)
-  out_BHTD, lse_BHT1 = _forward(p.st, p.q_BHTD, p.k_BKSD, p.v_BKSD, *p.ids, p.fwd_tables)
+  out_BHTD, lse_BH1T = _forward(p.st, p.q_BHTD, p.k_BKSD, p.v_BKSD, *p.ids, p.fwd_tables)
   T, D = q_BTHD.shape[1], q_BTHD.shape[3]
-  return _from_kernel_layout(out_BHTD, T, D), lse_BHT1[:, :, :T, 0]
+  return _from_kernel_layout(out_BHTD, T, D), lse_BH1T[:, :, 0, :T]
 
 
 def _backward_kernels(
@@ -283,10 +283,10 @@ def _backward_kernels(
   delta_BHT = _delta(dout_BTHD, out_BTHD, axis=-1).transpose(0, 2, 1)
   if dlse_BHT is not None:
     delta_BHT = delta_BHT - dlse_BHT.astype(jnp.float32)
-  delta_BHT1 = jnp.pad(delta_BHT, [(0, 0), (0, 0), (0, Tp - T)])[..., None]
-  lse_BHT1 = jnp.pad(lse_BHT, [(0, 0), (0, 0), (0, Tp - T)], constant_values=-jnp.inf)[..., None]
+  delta_BH1T = jnp.pad(delta_BHT, [(0, 0), (0, 0), (0, Tp - T)])[:, :, None, :]
+  lse_BH1T = jnp.pad(lse_BHT, [(0, 0), (0, 0), (0, Tp - T)], constant_values=-jnp.inf)
   res = (p.q_BHTD, p.k_BKSD, p.v_BKSD, *p.ids, p.fwd_tables, p.bwd_tables)
-  return _backward(p.st, res, dout_BHTD, lse_BHT1, delta_BHT1, grads_in)
+  return _backward(p.st, res, dout_BHTD, lse_BH1T[:, :, None, :], delta_BH1T, grads_in)
 
 
 @functools.partial(jax.jit, static_argnums=(7, 9))

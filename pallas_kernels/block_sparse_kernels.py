@@ -30,6 +30,7 @@ from pallas_kernels.block_sparse_steps import (
   _kv_row_block_ids,
   _program_kv_head,
   _q_block_ids,
+  _row_to_column,
   _split_mask_refs,
   _table_row,
 )
@@ -67,7 +68,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv):
   kv_head = _program_kv_head(st, query_heads=True)
   row = _table_row(st, pl.program_id(0), kv_head, pl.program_id(2), n_q)
   q, q_ids = q_ref[...], _q_block_ids(q_pos_ref, q_seg_ref)
-  do, lse, delta = do_ref[...], lse_ref[...], delta_ref[...]
+  do, lse, delta = do_ref[...], _row_to_column(lse_ref[...]), _row_to_column(delta_ref[...])
 
   def step(s, dq):
     k_start = pl.multiple_of(kv_index_ref[row * n_kv + s] * st.block_kv, st.block_kv)
@@ -170,7 +171,8 @@ def _dq_kernel_tpu(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv
     k_ids = _kv_row_block_ids(st, k_pos_ref, k_seg_ref, j)
     q_ids = _q_block_ids(q_pos_ref, q_seg_ref)
     kind = kv_kind_ref[row * n_kv + s]
-    q_side = (q_ref[...], q_ids, do_ref[...], lse_ref[...], delta_ref[...])
+    lse, delta = _row_to_column(lse_ref[...]), _row_to_column(delta_ref[...])
+    q_side = (q_ref[...], q_ids, do_ref[...], lse, delta)
     k, v = k_ref[...], v_ref[...]
     dq_sc[...] = _dq_step(st, dq_sc[...], *q_side, k, v, k_ids, kind, kv_head)
 

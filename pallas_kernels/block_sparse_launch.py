@@ -101,6 +101,14 @@ def _rows_spec(block, *, head_axis=True, group=1):
   return pl.BlockSpec((None, block[0], block[1]), lambda b, h, i, *_: (b, i, 0))
 
 
+def _stat_row_specs(block):
+  """(loop, pipelined) BlockSpecs of a per-query statistic stored as rows [B, H, 1, Tp]:
+  the [1, block] piece of q block i of head h (lane-dense; see `_row_to_column`)."""
+  loop = pl.BlockSpec((None, None, 1, block), lambda b, h, i, *_: (b, h, 0, i))
+  tpu = pl.BlockSpec((None, None, 1, block), lambda b, h, i, s, *_: (b, h, 0, i))
+  return loop, tpu
+
+
 def _whole_spec(shape, *, head_axis=True, group=1):
   """BlockSpec of all rows [.., T, X] of one batch row (and head h // group).
 
@@ -183,13 +191,14 @@ def _forward(st, q_BHTD, k_BKSD, v_BKSD, q_pos, k_pos, q_seg, k_seg, fwd_tables)
     (None, None, bk, D),
     lambda b, h, i, s, idx, *_: (b, lax.div(h, G), listed(b, h, i, s, idx), 0),
   )
-  out_tpu = [q_tpu, pl.BlockSpec((None, None, bq, 1), lambda b, h, i, s, *_: (b, h, i, 0))]
+  lse_loop, lse_tpu = _stat_row_specs(bq)
+  out_tpu = [q_tpu, lse_tpu]
   statics = dict(st=st, n_q=n_q, n_kv=n_kv)
   loop = _Variant(
     functools.partial(_forward_kernel, **statics),
     (B, Hq, n_q),
     loop_id_specs + [_rows_spec((bq, D)), *[_whole_spec((Sp, D), group=G)] * 2],
-    [_rows_spec((bq, D)), _rows_spec((bq, 1))],
+    [_rows_spec((bq, D)), lse_loop],
   )
   tpu = _Variant(
     functools.partial(_forward_kernel_tpu, **statics),
@@ -200,16 +209,17 @@ def _forward(st, q_BHTD, k_BKSD, v_BKSD, q_pos, k_pos, q_seg, k_seg, fwd_tables)
   )
   out_shapes = [
     jax.ShapeDtypeStruct((B, Hq, Tp, D), jnp.float32),
-    jax.ShapeDtypeStruct((B, Hq, Tp, 1), jnp.float32),
+    jax.ShapeDtypeStruct((B, Hq, 1, Tp), jnp.float32),  # lse as rows
   ]
   return _launch(st, _flat(fwd_tables), [*ids, q_BHTD, k_BKSD, v_BKSD], out_shapes, loop, tpu)
 
 
-def _backward(st, res, dout_BHTD, lse_BHT1, delta_BHT1, grads_in):
+def _backward(st, res, dout_BHTD, lse_BH1T, delta_BH1T, grads_in):
   """dQ and dK/dV kernels: (dq_in + dq, dk_in + dk, dv_in + dv) float32, kernel layout.
 
-  `delta_BHT1` is Delta_i = rowsum(dO_i ∘ O_i) - dL_i (d lse_i / d S_ij = P_ij), formed by
-  the caller in whichever layout holds O. `grads_in` = (dq_in_BHTD, dk_in_BKSD, dv_in_BKSD):
+  The lse and Delta come as rows [B, H, 1, Tp]. `delta_BH1T` is
+  Delta_i = rowsum(dO_i ∘ O_i) - dL_i (d lse_i / d S_ij = P_ij), formed by the caller in
+  whichever layout holds O. `grads_in` = (dq_in_BHTD, dk_in_BKSD, dv_in_BKSD):
   each kernel adds its result to them and writes the sums over them (aliased operands), so
   ring attention accumulates dQ, and the dK, dV that travel with the keys, across steps in
   this layout, without fresh buffers or transposes per step.
@@ -225,36 +235,36 @@ def _backward(st, res, dout_BHTD, lse_BHT1, delta_BHT1, grads_in):
   # size for bf16.
   dout_BHTD = dout_BHTD.astype(q_BHTD.dtype)
   # Rows with no visible key have lse -inf; +inf makes their P = exp(S - inf) = 0.
-  lse_BHT1 = jnp.where(lse_BHT1 == -jnp.inf, jnp.inf, lse_BHT1)
+  lse_BH1T = jnp.where(lse_BH1T == -jnp.inf, jnp.inf, lse_BH1T)
 
   # dQ: grid over q blocks, like the forward.
   ids, loop_id_specs, tpu_id_specs = _mask_inputs(
     st, (q_pos, q_seg), (k_pos, k_seg), transposed=False
   )
   listed = _listed(st, n_q, n_kv, G)
-  q_rows = [_rows_spec((bq, D)), _rows_spec((bq, 1))]
+  q_rows = [_rows_spec((bq, D))]
   q_tpu = pl.BlockSpec((None, None, bq, D), lambda b, h, i, s, *_: (b, h, i, 0))
-  col_tpu = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, s, *_: (b, h, i, 0))
   kv_tpu = pl.BlockSpec(
     (None, None, bk, D),
     lambda b, h, i, s, idx, *_: (b, lax.div(h, G), listed(b, h, i, s, idx), 0),
   )
+  stat_loop, stat_tpu = _stat_row_specs(bq)
   loop = _Variant(
     functools.partial(_dq_kernel, **statics),
     (B, Hq, n_q),
     loop_id_specs
-    + [q_rows[0], *[_whole_spec((Sp, D), group=G)] * 2, q_rows[0], q_rows[1], q_rows[1]]
+    + [q_rows[0], *[_whole_spec((Sp, D), group=G)] * 2, q_rows[0], stat_loop, stat_loop]
     + [q_rows[0]],
     q_rows[0],
   )
   tpu = _Variant(
     functools.partial(_dq_kernel_tpu, **statics),
     (B, Hq, n_q, n_kv),
-    tpu_id_specs + [q_tpu, kv_tpu, kv_tpu, q_tpu, col_tpu, col_tpu, q_tpu],
+    tpu_id_specs + [q_tpu, kv_tpu, kv_tpu, q_tpu, stat_tpu, stat_tpu, q_tpu],
     q_tpu,
     [_vmem(bq, D)],
   )
-  dq_inputs = [*ids, q_BHTD, k_BKSD, v_BKSD, dout_BHTD, lse_BHT1, delta_BHT1, dq_in_BHTD]
+  dq_inputs = [*ids, q_BHTD, k_BKSD, v_BKSD, dout_BHTD, lse_BH1T, delta_BH1T, dq_in_BHTD]
   dq_BHTD = _launch(
     st,
     _flat(fwd_tables),
@@ -272,7 +282,7 @@ def _backward(st, res, dout_BHTD, lse_BHT1, delta_BHT1, grads_in):
   )
   listed = _listed(st, n_kv, n_q, 1)
   q_BKGTD, do_BKGTD = (x.reshape(B, Hkv, G, Tp, D) for x in (q_BHTD, dout_BHTD))
-  lse_BKG1T, delta_BKG1T = (x.reshape(B, Hkv, G, 1, Tp) for x in (lse_BHT1, delta_BHT1))
+  lse_BKG1T, delta_BKG1T = (x.reshape(B, Hkv, G, 1, Tp) for x in (lse_BH1T, delta_BH1T))
 
   def group_spec(*shape):
     return pl.BlockSpec((None, None, G, *shape), lambda b, h, j, *_: (b, h, 0, 0, 0))

@@ -134,11 +134,36 @@ def _forward_init(bq, d):
 
 
 def _forward_finish(carry, o_ref, lse_ref):
+  """Writes O and the lse, the latter as a lane-dense row [1, bq] (see `_column_to_row`)."""
   m, denom, acc = carry
   nonempty = denom > 0
   denom_safe = jnp.where(nonempty, denom, 1.0)
   o_ref[...] = (acc / denom_safe).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(nonempty, m + jnp.log(denom_safe), -jnp.inf)
+  lse_ref[...] = _column_to_row(jnp.where(nonempty, m + jnp.log(denom_safe), -jnp.inf))
+
+
+# Per-row statistics (lse, Delta) live in HBM as rows [.., 1, T]: as columns [.., T, 1] TPU
+# tiles the last two dims by (8, 128), so each would take 128x its size (2 GiB for a
+# [1, 32, 131072, 1] float32 array, README "Checking a pod run"). The forward and dQ steps
+# need columns [bq, 1]; these convert one block in VMEM with a masked reduction over the
+# [bq, bq] identity, which every lowering has (a [1, bq] transpose Mosaic may not).
+
+
+def _identity(n):
+  rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  return rows == lax.broadcasted_iota(jnp.int32, (n, n), 1)
+
+
+def _row_to_column(row_1N):
+  """[1, n] -> [n, 1]; exact (one nonzero term per sum), infinities kept."""
+  n = row_1N.shape[-1]
+  return jnp.sum(jnp.where(_identity(n), row_1N, 0.0), axis=1, keepdims=True)
+
+
+def _column_to_row(col_N1):
+  """[n, 1] -> [1, n]; exact, infinities kept."""
+  n = col_N1.shape[0]
+  return jnp.sum(jnp.where(_identity(n), col_N1, 0.0), axis=0, keepdims=True)
 
 
 def _dq_step(st, dq, q, q_ids, do, lse, delta, k, v, k_ids, kind, kv_head):

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of the train step for TPU topologies from this CPU host (libtpu)."""
 
 import os
+import re
 
 import pytest
 
@@ -41,8 +42,13 @@ def test_ring_attention_train_step_compiles_for_v5p_with_pallas(monkeypatch, tmp
   # Traced on this CPU host, "auto" still resolves for the TPU: the Pallas kernels, lowered
   # through Mosaic (a tpu_custom_call), not run in Pallas' interpret mode.
   assert report["attention_impl"] == "pallas"
-  mosaic = "tpu_custom_call" in compiled[0].as_text()
-  assert mosaic, "the Pallas kernels were traced in interpret mode, not lowered through Mosaic"
+  hlo = compiled[0].as_text()
+  assert "tpu_custom_call" in hlo, "the Pallas kernels were traced in interpret mode, not Mosaic"
+  # The kernels' per-row statistics (lse, Delta) reach HBM as rows [B, H, 1, T]: as columns
+  # [B, H, T, 1] TPU tiles the last two dims by (8, 128), 128x their size (2 GiB for
+  # f32[1, 32, 131072, 1]; README "Checking a pod run"). Here: f32[8, 4, 32, 1] columns.
+  columns = re.findall(r"f32\[\d+,\d+,\d+,1\]\{3,2,1,0:T\(8,128\)", hlo)
+  assert not columns, f"lane-padded [.., T, 1] float32 arrays in HBM: {columns[:3]}"
   # v5p:2x2x2 spans 2 hosts of 4 chips, each holding its chips' offloaded layer inputs.
   assert report["devices_per_host"] == 4
   assert 0 < report["host_bytes_per_device"] * 4 == report["host_bytes_per_host"]
