@@ -73,7 +73,6 @@ __all__ = [
 # then one cast), what lcjax's models do in bf16.
 ROTATIONS = ("fp32", "fp32_hf_angles", "hf_bf16", "lcjax_bf16")
 _EXACT_ANGLES = {"fp32": True, "fp32_hf_angles": False, "hf_bf16": False, "lcjax_bf16": True}
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _bf16_round(x: jax.Array) -> jax.Array:
