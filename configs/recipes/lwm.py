@@ -33,8 +33,9 @@ CPU size (quickstart model, byte tokenizer, the standard library as the corpus; 
 `lcjax.recipes.scaled_rope_theta`; 150 steps in Table 1's token ratios, 8,192 tokens a
 step; trained from scratch, so stage 1 is also its pretraining):
   python scripts/train.py --config configs/recipes/lwm.py:runlocal --workdir /tmp/lwm
-Expect perplexity at 4,096 tokens to fall after each stage (README, "Continual-pretraining
-recipes"). `smoke` is the same chain, tiny, at lengths ÷2048 with 2 steps a stage (tests).
+Expect perplexity at 4,096 tokens to end at about half of stage 1's, though the two short
+last stages end above stage 3 (README, "Continual-pretraining recipes"). `smoke` is the
+same chain, tiny, at lengths ÷2048 with 2 steps a stage (tests).
 Arguments: runlocal, smoke, init_from (a Hugging Face folder; required at full size).
 """
 

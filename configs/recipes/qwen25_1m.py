@@ -41,7 +41,7 @@ rescaled to keep each stage's critical-dimension fraction, `lcjax.recipes.scaled
 in stages 3-5 the "long" source is the stdlib files of at least the stage's length in bytes
 and the "short" one the files of 128 bytes up to it, `data.source.min_bytes`/`max_bytes`):
   python scripts/train.py --config configs/recipes/qwen25_1m.py:runlocal --workdir /tmp/qwen1m
-Expect perplexity at 2,048 tokens to end about a quarter below stage 1's, stage 2's θ jump
+Expect perplexity at 2,048 tokens to end a fifth to a quarter below stage 1's, stage 2's θ jump
 costing a little first (README, "Continual-pretraining recipes"). `smoke` is the same chain,
 tiny, 2 steps a stage (tests).
 Arguments: runlocal, smoke, init_from, start_stage, steps, pretrain, long_64k, long_128k,
