@@ -6,12 +6,12 @@
 Packed 256-byte rows with document masking and per-document positions; after
 training, perplexity on held-out files at 1x, 2x and 4x the training length with
 the trained RoPE and with YaRN (factor 4) applied without further training.
-Expect (2-core CPU, ~2.5 minutes with compiles on an idle machine; 4m14s measured
-2026-11-30 on a shared one): the loss falls from ~5.9 (uniform over 384 ids) to ~1.95;
-perplexity at 256/512/1024 tokens: trained RoPE 10.47/11.01/12.08, YaRN x4
-12.16/12.23/12.34 — YaRN stays flat up to 4x at a cost at 1x. These digits hold for one
-commit only: any change of floating-point rounding moves a 600-step run by a few percent
-(the previous commit, with HF's fp32 RoPE angle products, gave 10.20/10.98/12.11 and YaRN
+Expect (2-core CPU, 2m47s with compiles on an idle machine, 2026-11-30): the loss falls
+from ~5.9 (uniform over 384 ids) to ~1.97; perplexity at 256/512/1024 tokens: trained RoPE
+10.55/10.99/11.62, YaRN x4 11.69/11.67/11.69 — YaRN stays flat up to 4x at a cost at 1x.
+These digits hold for one commit only: any change of floating-point rounding moves a
+600-step run by a few percent (before the rotation's custom VJP: 10.47/11.01/12.08 and YaRN
+12.16/12.23/12.34; before the exact RoPE angles: 10.20/10.98/12.11 and YaRN
 11.44/11.51/11.57, YaRN below the trained RoPE at 4x). The tiny variant ends at ~24.5 at
 256 and 512 tokens (30 steps, so both RoPEs are still near the unigram model).
 """
