@@ -30,8 +30,8 @@ the tables printed, results.csv / results.md (the model's L1 per Δ and the kern
 Expect (README.md, "The bf16 RoPE study", has the measured tables): kernel fp32 mean
 |Δlogit| 1.1e-7-1.4e-7 up to Δ=2^19 (with HF's angles 9.8e-5 at 16K, 3.7e-4 at 65K); bf16
 2.6e-3 (lcjax) / 4.3e-3 (HF) from Δ=1 on; model bf16 row L1 ~1e-2, ~8,000x fp32; perplexity
-flat with exact angles, 1.3e-3 off at Δ=2^22 with HF's. 2 min 54 s on an idle 2-core machine
-(the 600-step pretrain 2 min 18 s).
+flat with exact angles, ~3e-4 off at Δ=2^22 with HF's (1.3e-3 at an earlier commit's
+checkpoint). 3 min 2 s on an idle 2-core machine (the 600-step pretrain 2 min 26 s).
 Args: `smoke` (a 2-layer model, 3 steps, tiny sizes: every output in seconds),
 `checkpoint=DIR`, `steps=`.
 """
