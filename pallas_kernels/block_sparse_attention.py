@@ -283,10 +283,11 @@ def _backward_kernels(
   delta_BHT = _delta(dout_BTHD, out_BTHD, axis=-1).transpose(0, 2, 1)
   if dlse_BHT is not None:
     delta_BHT = delta_BHT - dlse_BHT.astype(jnp.float32)
-  delta_BH1T = jnp.pad(delta_BHT, [(0, 0), (0, 0), (0, Tp - T)])[:, :, None, :]
-  lse_BH1T = jnp.pad(lse_BHT, [(0, 0), (0, 0), (0, Tp - T)], constant_values=-jnp.inf)
+  pad_T = [(0, 0), (0, 0), (0, Tp - T)]
+  delta_BH1T = jnp.pad(delta_BHT, pad_T)[:, :, None, :]
+  lse_BH1T = jnp.pad(lse_BHT, pad_T, constant_values=-jnp.inf)[:, :, None, :]
   res = (p.q_BHTD, p.k_BKSD, p.v_BKSD, *p.ids, p.fwd_tables, p.bwd_tables)
-  return _backward(p.st, res, dout_BHTD, lse_BH1T[:, :, None, :], delta_BH1T, grads_in)
+  return _backward(p.st, res, dout_BHTD, lse_BH1T, delta_BH1T, grads_in)
 
 
 @functools.partial(jax.jit, static_argnums=(7, 9))

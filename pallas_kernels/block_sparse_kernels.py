@@ -171,6 +171,8 @@ def _dq_kernel_tpu(kv_index_ref, kv_count_ref, kv_kind_ref, *refs, st, n_q, n_kv
     k_ids = _kv_row_block_ids(st, k_pos_ref, k_seg_ref, j)
     q_ids = _q_block_ids(q_pos_ref, q_seg_ref)
     kind = kv_kind_ref[row * n_kv + s]
+    # Converted at every kv step rather than kept: a [bq, bq] select costs ~1/D of the step's
+    # [bq, bk, D] matmuls, and a [bq, 1] VMEM scratch would be lane-padded to [bq, 128].
     lse, delta = _row_to_column(lse_ref[...]), _row_to_column(delta_ref[...])
     q_side = (q_ref[...], q_ids, do_ref[...], lse, delta)
     k, v = k_ref[...], v_ref[...]
